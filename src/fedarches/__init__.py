@@ -1,0 +1,3 @@
+"""fedarches: federated scArches reference atlases."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,87 @@
+"""Model and training settings, as pydantic models so they round-trip through
+the canonical JSON manifest exactly (a model directory must say how it was
+built, and two sites must agree on the architecture byte for byte).
+
+Defaults are the scArches paper's Table 1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModelKind = Literal["trvae", "nb"]
+Strategy = Literal["conditions", "input-layers", "full"]
+STRATEGIES: tuple[str, ...] = ("conditions", "input-layers", "full")
+
+
+class ModelConfig(BaseModel):
+    """Architecture and loss weights of a conditional VAE."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ModelKind = "trvae"
+    n_genes: int = Field(gt=0)
+    hidden: tuple[int, ...] = (128, 20)
+    latent_dim: int = 10
+    dropout: float = 0.05
+    decoder_dropout: float = 0.05
+    norm: Literal["none", "batch"] = "none"
+    kl_weight: float = 0.001  # alpha
+    mmd_weight: float = 20.0  # beta
+    recon_weight: float = 1000.0  # eta
+    grad_clip: float = 5.0
+
+    @classmethod
+    def paper_defaults(cls, kind: ModelKind, n_genes: int) -> "ModelConfig":
+        if kind == "trvae":
+            return cls(kind="trvae", n_genes=n_genes)
+        return cls(
+            kind="nb",
+            n_genes=n_genes,
+            hidden=(128, 128),
+            latent_dim=10,
+            dropout=0.1,
+            decoder_dropout=0.0,
+            norm="batch",
+            kl_weight=0.0002,
+            mmd_weight=0.0,
+            recon_weight=1.0,
+            grad_clip=3.0,
+        )
+
+    @property
+    def encoder_width(self) -> int:
+        """Width p of the first encoder layer (the one that takes conditions)."""
+        return self.hidden[0]
+
+    @property
+    def decoder_width(self) -> int:
+        """Width q of the first decoder layer (the one that takes conditions)."""
+        return self.hidden[-1]
+
+    def condition_parameter_count(self, n_conditions: int) -> int:
+        """Trainable parameters that `n_conditions` new conditions add (paper: m x (p + q),
+        plus one dispersion vector per condition for the NB likelihood)."""
+        per = self.encoder_width + self.decoder_width
+        if self.kind == "nb":
+            per += self.n_genes
+        return n_conditions * per
+
+
+class TrainConfig(BaseModel):
+    """How a model was (or will be) trained; stored in the manifest for provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int | None = None  # None: chosen from the number of cells
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    validation_fraction: float = 0.1
+    early_stopping_patience: int = 20
+    kl_warmup_epochs: int | None = None  # None: a third of the epochs
+    seed: int = 0
+    threads: int = 1
+    strategy: Strategy = "conditions"
