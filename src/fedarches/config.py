@@ -83,5 +83,5 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int = 20
     kl_warmup_epochs: int | None = None  # None: a third of the epochs
     seed: int = 0
-    threads: int = 1
+    threads: int | None = None  # None: leave torch's own setting
     strategy: Strategy = "conditions"

@@ -1,0 +1,444 @@
+"""``FedArchesModel``: AnnData in, AnnData out.
+
+This is the layer a scanpy / scvi-tools user touches. It validates input, matches
+genes by name, applies the normalisation the model needs (users hand in counts),
+runs reference training or surgery + query fine-tuning, transfers labels, and
+reads/writes model directories. The torch module underneath knows nothing of
+AnnData (as scvi-tools separates ``module`` from ``model``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from fedarches.config import ModelConfig, ModelKind, Strategy, STRATEGIES, TrainConfig
+from fedarches.data.batches import chunked_rows, dense_rows
+from fedarches.data.genes import align_genes, select_genes
+from fedarches.data.validation import check_gene_names, check_shape, check_values, condition_labels, get_matrix
+from fedarches.errors import FedarchesError, InputDataError, ModelFileError
+from fedarches.labels import KNNLabelTransfer, LabelTransferResult
+from fedarches.models.cvae import CVAE
+from fedarches.storage import (
+    CONDITIONS,
+    REFERENCE,
+    WEIGHTS,
+    ModelManifest,
+    load_model_dir,
+    save_model_dir,
+)
+from fedarches.training import MatrixSource, ProjectedSource, TrainHistory, copy_module
+from fedarches.training import train as train_loop
+
+LATENT_KEY = "X_fedarches"
+TARGET_SUM = 1e4
+
+
+@dataclass
+class PreparedData:
+    """A dataset lined up with a model: the matrix the model trains on, per-cell
+    condition indices, and (NB) library sizes."""
+
+    x: sp.csr_matrix  # log-normalised for trVAE, counts for NB; columns = model genes
+    conditions: np.ndarray  # str per cell
+    library: np.ndarray | None
+    gene_overlap: float
+
+
+@dataclass
+class MapResult:
+    model: "FedArchesModel"
+    adata: ad.AnnData
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReferenceIndex:
+    """Reference latent + labels and the fitted label-transfer calibration."""
+
+    latent: np.ndarray
+    labels: np.ndarray  # int64 codes into categories
+    categories: list[str]
+    transfer: KNNLabelTransfer
+
+    def predict(self, latent: np.ndarray) -> LabelTransferResult:
+        return self.transfer.predict(latent)
+
+
+def _prepare(adata: ad.AnnData, kind: ModelKind, genes: list[str] | None, condition_key: str,
+             layer: str | None) -> tuple[PreparedData, list[str]]:
+    """Validate and line up ``adata``; returns the prepared data and the gene list used."""
+    if not isinstance(adata, ad.AnnData):
+        raise InputDataError(f"expected an AnnData object, got {type(adata).__name__}")
+    check_shape(adata)
+    check_gene_names(adata.var_names)
+    conditions = condition_labels(adata, condition_key)
+    x = get_matrix(adata, layer)
+    check_values(x, require_integers=(kind == "nb"))
+    var_names = adata.var_names.astype(str).tolist()
+    overlap = 1.0
+    if genes is not None:
+        x, overlap = align_genes(x, var_names, genes)
+    else:
+        genes = var_names
+    library = np.asarray(x.sum(axis=1)).ravel().astype(np.float32)
+    if kind == "trvae":
+        # log-normalise over the model's genes, so reference and query share one scale
+        scale = np.divide(TARGET_SUM, library, out=np.zeros_like(library), where=library > 0)
+        x = sp.diags(scale.astype(np.float32)) @ x
+        x = x.tocsr()
+        np.log1p(x.data, out=x.data)
+        return PreparedData(x=x.astype(np.float32), conditions=conditions, library=None, gene_overlap=overlap), genes
+    return PreparedData(x=x, conditions=conditions, library=np.maximum(library, 1.0), gene_overlap=overlap), genes
+
+
+class FedArchesModel:
+    """A reference (possibly extended by surgery) conditional VAE and its label index."""
+
+    def __init__(
+        self,
+        module: CVAE,
+        *,
+        genes: list[str],
+        condition_key: str,
+        train_config: TrainConfig,
+        label_key: str | None = None,
+        reference: ReferenceIndex | None = None,
+    ) -> None:
+        if len(genes) != module.config.n_genes:
+            raise ValueError(f"{len(genes)} genes for a model of {module.config.n_genes}")
+        self.module = module
+        self.genes = list(genes)
+        self.condition_key = condition_key
+        self.label_key = label_key
+        self.train_config = train_config
+        self.reference = reference
+        self.last_history: TrainHistory | None = None
+
+    # ------------------------------------------------------------ properties
+    @property
+    def config(self) -> ModelConfig:
+        return self.module.config
+
+    @property
+    def conditions(self) -> list[str]:
+        return self.module.conditions
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"FedArchesModel(kind={c.kind!r}, genes={c.n_genes}, hidden={c.hidden}, latent={c.latent_dim}, "
+                f"conditions={len(self.conditions)}, labels={self.label_key!r})")
+
+    # -------------------------------------------------------------- building
+    @classmethod
+    def train_reference(
+        cls,
+        adata: ad.AnnData,
+        condition_key: str,
+        label_key: str | None = None,
+        *,
+        kind: ModelKind = "trvae",
+        n_genes: int = 2000,
+        layer: str | None = None,
+        train: TrainConfig | None = None,
+        config: dict[str, Any] | None = None,
+        novelty_fpr: float = 0.01,
+        progress: bool = True,
+    ) -> "FedArchesModel":
+        """Train a reference model on one or more studies (``condition_key``).
+
+        Genes: ``n_genes`` highly variable genes chosen on this reference, per study
+        (0 keeps all); the list is stored in the model. ``config`` overrides paper
+        defaults (e.g. ``{"hidden": (128, 128)}``).
+        """
+        if kind not in ("trvae", "nb"):
+            raise InputDataError(f"unknown model {kind!r}; choose 'trvae' or 'nb'")
+        train = train or TrainConfig()
+        check_shape(adata)
+        check_gene_names(adata.var_names)
+        conditions = condition_labels(adata, condition_key)
+        labels = condition_labels(adata, label_key, what="label") if label_key else None
+        x_full = get_matrix(adata, layer)
+        check_values(x_full, require_integers=(kind == "nb"))
+        genes = select_genes(x_full, adata.var_names.astype(str).tolist(), conditions, n_genes)
+        data, genes = _prepare(adata, kind, genes, condition_key, layer)
+        names = _ordered_unique(adata.obs[condition_key], conditions)
+        model_config = ModelConfig.paper_defaults(kind, len(genes))
+        if config:
+            model_config = ModelConfig.model_validate({**model_config.model_dump(), **config})
+        torch.manual_seed(train.seed)
+        module = CVAE(model_config, names)
+        index = {n: i for i, n in enumerate(names)}
+        cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
+        source = MatrixSource(module, data.x, cond_idx, data.library)
+        params = module.set_trainable(None)
+        history = train_loop(module, source, params, train, query=False, progress=progress,
+                             description=f"reference ({kind})")
+        model = cls(module, genes=genes, condition_key=condition_key, train_config=train, label_key=label_key)
+        model.last_history = history
+        if labels is not None:
+            latent = model._latent(data.x, cond_idx)
+            transfer = KNNLabelTransfer().fit(latent, labels, ref_batches=data.conditions, fpr=novelty_fpr)
+            codes = pd.Categorical(labels, categories=transfer.label_categories).codes.astype(np.int64)
+            model.reference = ReferenceIndex(latent=latent, labels=codes,
+                                             categories=list(transfer.label_categories), transfer=transfer)
+        return model
+
+    # --------------------------------------------------------------- mapping
+    def map_query(
+        self,
+        adata: ad.AnnData,
+        condition_key: str | None = None,
+        *,
+        strategy: Strategy = "conditions",
+        epochs: int | None = None,
+        seed: int = 0,
+        layer: str | None = None,
+        threads: int | None = None,
+        progress: bool = True,
+    ) -> MapResult:
+        """Architecture surgery + fine-tuning on a query, then embedding and label transfer.
+
+        Only the query's new conditions are added; ``strategy`` says what trains
+        (``conditions``: only their rows). Returns the extended model (this one is
+        left untouched), the query with latent and predictions, and a report.
+        """
+        if strategy not in STRATEGIES:
+            raise InputDataError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        key = condition_key or self.condition_key
+        data, _ = _prepare(adata, self.config.kind, self.genes, key, layer)
+        known = set(self.conditions)
+        new = _ordered_unique(adata.obs[key], data.conditions, exclude=known)
+        if not new:
+            raise InputDataError(
+                f"every condition in {key!r} ({', '.join(sorted(set(data.conditions)))}) is already in the model; "
+                "nothing to map by surgery. Use `fedarches embed` (FedArchesModel.embed) for conditions the model holds"
+            )
+        t_start = time.perf_counter()
+        module = copy_module(self.module)
+        module.add_conditions(new)
+        names = module.conditions
+        index = {n: i for i, n in enumerate(names)}
+        cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
+        rows = np.nonzero(np.isin(data.conditions, new))[0]
+        params = module.set_trainable(strategy)
+        cfg = self.train_config.model_copy(update={"epochs": epochs, "seed": seed, "strategy": strategy,
+                                                   "threads": threads if threads is not None else self.train_config.threads})
+        sub_x = data.x[rows]
+        sub_lib = data.library[rows] if data.library is not None else None
+        if strategy == "conditions":
+            source: Any = ProjectedSource(module, sub_x, cond_idx[rows], sub_lib,
+                                          use_mse_terms=self.config.kind == "trvae")
+        else:
+            source = MatrixSource(module, sub_x, cond_idx[rows], sub_lib)
+        setup = time.perf_counter() - t_start
+        history = train_loop(module, source, params, cfg, query=True, progress=progress,
+                             description=f"query ({strategy})")
+        history.setup_seconds = setup
+        for p in module.parameters():
+            p.requires_grad_(True)
+        model = FedArchesModel(module, genes=self.genes, condition_key=self.condition_key,
+                               train_config=self.train_config, label_key=self.label_key, reference=self.reference)
+        model.last_history = history
+        out = model._annotate(adata, data, cond_idx)
+        trainable = sum(p.numel() for p in params)
+        report = {
+            "strategy": strategy,
+            "model": self.config.kind,
+            "new_conditions": new,
+            "n_cells": int(adata.n_obs),
+            "n_cells_trained": int(len(rows)),
+            "gene_overlap": round(data.gene_overlap, 6),
+            "trainable_parameters": int(trainable),
+            "total_parameters": int(sum(p.numel() for p in module.parameters())),
+            "expected_trainable_parameters": (
+                self.config.condition_parameter_count(len(new)) if strategy == "conditions" else None
+            ),
+            "epochs": history.epochs,
+            "best_epoch": history.best_epoch,
+            "stopped_early": history.stopped_early,
+            "seconds": round(time.perf_counter() - t_start, 4),
+            "setup_seconds": round(setup, 4),
+            "seconds_per_epoch": round(float(np.mean(history.epoch_seconds)), 6) if history.epoch_seconds else None,
+            "final_loss": history.train_loss[-1] if history.train_loss else None,
+        }
+        if self.label_key and self.label_key in adata.obs and self.reference is not None:
+            report["label_transfer"] = _accuracy_summary(out, self.label_key, self.reference.categories)
+        return MapResult(model=model, adata=out, report=report)
+
+    def embed(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None) -> ad.AnnData:
+        """Latent (and label predictions) for cells of conditions the model holds; no training."""
+        key = condition_key or self.condition_key
+        data, _ = _prepare(adata, self.config.kind, self.genes, key, layer)
+        index = {n: i for i, n in enumerate(self.conditions)}
+        unknown = sorted(set(data.conditions) - set(index))
+        if unknown:
+            raise InputDataError(
+                f"conditions {unknown} are not in the model (it holds {len(index)}: "
+                f"{', '.join(self.conditions[:8])}{'...' if len(index) > 8 else ''}); map them first with `fedarches map`"
+            )
+        cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
+        return self._annotate(adata, data, cond_idx)
+
+    def get_latent(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None) -> np.ndarray:
+        return np.asarray(self.embed(adata, condition_key, layer=layer).obsm[LATENT_KEY])
+
+    def _latent(self, x: sp.csr_matrix, cond_idx: np.ndarray) -> np.ndarray:
+        self.module.eval()
+        out = np.empty((x.shape[0], self.config.latent_dim), dtype=np.float32)
+        with torch.no_grad():
+            for rows in chunked_rows(x.shape[0]):
+                xb = dense_rows(x, rows)
+                z = self.module.latent(torch.from_numpy(cond_idx[rows]), self.module.encoder_input(xb))
+                out[rows[0]: rows[-1] + 1] = z.numpy()
+        return out
+
+    def _annotate(self, adata: ad.AnnData, data: PreparedData, cond_idx: np.ndarray) -> ad.AnnData:
+        out = adata.copy()
+        out.obsm[LATENT_KEY] = self._latent(data.x, cond_idx)
+        if self.reference is not None and self.label_key:
+            res = self.reference.predict(out.obsm[LATENT_KEY])
+            lk = self.label_key
+            out.obs[f"{lk}_pred"] = pd.Categorical(res.prediction)
+            out.obs[f"{lk}_uncertainty"] = res.uncertainty.astype(np.float32)
+            out.obs[f"{lk}_novelty"] = res.novelty_score.astype(np.float32)
+            out.obs[f"{lk}_unknown"] = res.is_unknown.astype(bool)
+            out.obs[f"{lk}_knn_pred"] = pd.Categorical(res.knn_prediction)
+        return out
+
+    # ------------------------------------------------------- condition slices
+    def condition_slices(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The ``"<table>/<condition>"`` rows of ``names``: what a site contributes."""
+        missing = [n for n in names if n not in self.conditions]
+        if missing:
+            raise InputDataError(f"conditions {missing} are not in the model")
+        return self.module.condition_state(names)
+
+    def with_condition_slices(self, slices: dict[str, torch.Tensor]) -> "FedArchesModel":
+        """A new model holding this one's conditions plus those in ``slices`` (merge by
+        name). New names are appended in sorted order, so merging the same slices in
+        any order gives the same model."""
+        tables = self.module.condition_tables()
+        by_name: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in slices.items():
+            table, _, name = key.partition("/")
+            if table not in tables or not name:
+                raise FedarchesError(f"slice key {key!r} is not '<table>/<condition>' with table in {sorted(tables)}")
+            if value.shape != (tables[table].width,):
+                raise FedarchesError(
+                    f"slice {key!r} has shape {tuple(value.shape)}, expected ({tables[table].width},)"
+                )
+            by_name.setdefault(name, {})[table] = value
+        clash = sorted(set(by_name) & set(self.conditions))
+        if clash:
+            raise FedarchesError(f"conditions {clash} are already in the model; a condition name is added once")
+        for name, parts in by_name.items():
+            if set(parts) != set(tables):
+                raise FedarchesError(f"condition {name!r} lacks slices for tables {sorted(set(tables) - set(parts))}")
+        module = copy_module(self.module)
+        names = sorted(by_name)
+        if names:
+            for tname, table in module.condition_tables().items():
+                table.add_conditions(names, torch.stack([by_name[n][tname].float() for n in names]))
+        return FedArchesModel(module, genes=self.genes, condition_key=self.condition_key,
+                              train_config=self.train_config, label_key=self.label_key, reference=self.reference)
+
+    # ------------------------------------------------------------------ files
+    def manifest(self) -> ModelManifest:
+        return ModelManifest(
+            config=self.config, train=self.train_config, genes=self.genes, conditions=self.conditions,
+            condition_key=self.condition_key, label_key=self.label_key,
+            label_categories=self.reference.categories if self.reference else [],
+        )
+
+    def blobs(self) -> dict[str, dict[str, torch.Tensor]]:
+        blobs = {WEIGHTS: self.module.shared_state_dict(), CONDITIONS: self.module.condition_state()}
+        if self.reference is not None:
+            ref = {"latent": torch.from_numpy(self.reference.latent), "labels": torch.from_numpy(self.reference.labels)}
+            for k, v in self.reference.transfer.state().items():
+                ref[f"transfer/{k}"] = torch.from_numpy(np.ascontiguousarray(v))
+            blobs[REFERENCE] = ref
+        return blobs
+
+    def save(self, path: str | Path) -> ModelManifest:
+        """Write a model directory (atomically); returns the manifest with file hashes."""
+        return save_model_dir(path, self.manifest(), self.blobs())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FedArchesModel":
+        manifest, blobs = load_model_dir(path)
+        return cls.from_blobs(manifest, blobs, source=str(path))
+
+    @classmethod
+    def from_blobs(cls, manifest: ModelManifest, blobs: dict[str, dict[str, torch.Tensor]],
+                   source: str = "model") -> "FedArchesModel":
+        """Rebuild a model from a manifest and its tensors (already hash-checked)."""
+        module = CVAE(manifest.config, manifest.conditions)
+        shared = blobs[WEIGHTS]
+        expected = module.shared_state_dict()
+        if set(shared) != set(expected):
+            diff = sorted(set(shared) ^ set(expected))[:5]
+            raise ModelFileError(f"{source}: {WEIGHTS} does not match the manifest's architecture (keys {diff})")
+        for k, v in expected.items():
+            if shared[k].shape != v.shape:
+                raise ModelFileError(f"{source}: tensor {k} has shape {tuple(shared[k].shape)}, expected {tuple(v.shape)}")
+        module.load_state_dict(shared, strict=False)
+        conds = blobs[CONDITIONS]
+        with torch.no_grad():
+            for tname, table in module.condition_tables().items():
+                if not manifest.conditions:
+                    continue
+                try:
+                    rows = torch.stack([conds[f"{tname}/{n}"] for n in manifest.conditions])
+                except KeyError as exc:
+                    raise ModelFileError(f"{source}: {CONDITIONS} has no row {exc.args[0]!r}") from exc
+                if rows.shape != table.blocks[0].shape:
+                    raise ModelFileError(f"{source}: condition table {tname} has shape {tuple(rows.shape)}")
+                table.blocks[0].copy_(rows)
+        module.eval()
+        reference = None
+        if REFERENCE in blobs and manifest.label_key:
+            ref = blobs[REFERENCE]
+            latent = ref["latent"].numpy().astype(np.float32)
+            codes = ref["labels"].numpy().astype(np.int64)
+            cats = list(manifest.label_categories)
+            state = {k.split("/", 1)[1]: v.numpy() for k, v in ref.items() if k.startswith("transfer/")}
+            labels = np.asarray(cats, dtype=object)[codes]
+            transfer = KNNLabelTransfer.from_state(latent, labels, state)
+            reference = ReferenceIndex(latent=latent, labels=codes, categories=cats, transfer=transfer)
+        return cls(module, genes=manifest.genes, condition_key=manifest.condition_key,
+                   train_config=manifest.train, label_key=manifest.label_key, reference=reference)
+
+
+
+def _ordered_unique(column: pd.Series, values: np.ndarray, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Condition names in category order when categorical (what users see), else sorted."""
+    present = set(values.tolist())
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        names = [str(c) for c in column.cat.categories if str(c) in present]
+    else:
+        names = sorted(present)
+    return [n for n in names if n not in exclude]
+
+
+def _accuracy_summary(adata: ad.AnnData, label_key: str, known: list[str]) -> dict[str, Any]:
+    """Accuracy on cells whose true type the reference holds (unknown counts as wrong),
+    and the fraction of cells of unseen types called unknown."""
+    truth = adata.obs[label_key].astype(str).to_numpy()
+    pred = adata.obs[f"{label_key}_pred"].astype(str).to_numpy()
+    unknown = adata.obs[f"{label_key}_unknown"].to_numpy(dtype=bool)
+    is_known = np.isin(truth, known)
+    out: dict[str, Any] = {"n_known": int(is_known.sum()), "n_unseen": int((~is_known).sum())}
+    out["accuracy_known"] = float((pred[is_known] == truth[is_known]).mean()) if is_known.any() else None
+    out["unseen_called_unknown"] = float(unknown[~is_known].mean()) if (~is_known).any() else None
+    out["known_called_unknown"] = float(unknown[is_known].mean()) if is_known.any() else None
+    return out
+
