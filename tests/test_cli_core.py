@@ -41,7 +41,7 @@ def test_layer_option_reads_counts_from_a_layer(tiny_data, tmp_path):
     ref, _ = tiny_data
     a = ref.copy()
     a.layers["counts"] = a.X.copy()
-    a.X = a.X * 0.5 - 1.0  # scaled data in .X, as many files have
+    a.X = a.X.toarray() * 0.5 - 1.0  # scaled, centred data in .X, as many files have
     a.write_h5ad(tmp_path / "ref.h5ad")
     assert main(["train-reference", "--data", str(tmp_path / "ref.h5ad"), "--condition-key", "study",
                  "--layer", "counts", "--model", "nb", "--n-genes", "0", "--epochs", "1",

@@ -74,7 +74,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
     """Hash of a tensor's dtype, shape and raw bytes (used to prove frozen tensors did not move)."""
     t = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
