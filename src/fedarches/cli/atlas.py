@@ -1,9 +1,197 @@
-"""`fedarches atlas ...` commands (being built; see docs/ARCHITECTURE.md)."""
+"""`fedarches atlas ...`: the coordinator's commands (thin wrappers over ``server.Atlas``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import threading
+
+from fedarches.errors import FedarchesError
+
+RESIGN_CHECK_SECONDS = 3600.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Registers nothing until this command group lands."""
+    p = sub.add_parser("atlas", help="coordinator: create, build, grow and serve a signed atlas")
+    asub = p.add_subparsers(dest="atlas_command", required=True, metavar="SUBCOMMAND")
+
+    q = asub.add_parser("init", help="create an atlas directory (keys + empty signed repository)")
+    q.add_argument("atlas_dir", metavar="ATLAS_DIR")
+    q.add_argument("--name", required=True, help="atlas name (bundles name it; sites see it)")
+    q.set_defaults(func=cmd_init)
+
+    q = asub.add_parser("build", help="train the reference model and publish it as version 1")
+    q.add_argument("atlas_dir", metavar="ATLAS_DIR")
+    q.add_argument("--data", required=True, help="reference .h5ad with raw counts")
+    q.add_argument("--condition-key", required=True, help="obs column with the study / batch")
+    q.add_argument("--label-key", default=None, help="obs column with cell types (enables label transfer)")
+    q.add_argument("--model", choices=["trvae", "nb"], default="trvae")
+    q.add_argument("--epochs", type=int, default=None)
+    q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
+    q.add_argument("--layer", default=None, help="read counts from this layer instead of .X")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_build)
+
+    q = asub.add_parser("enroll", help="accept contributions signed by this site key")
+    q.add_argument("atlas_dir", metavar="ATLAS_DIR")
+    q.add_argument("--site", required=True, help="site name (must match the --site the site signs with)")
+    q.add_argument("--public-key", required=True, help="the site's site.pub from `fedarches site keygen`")
+    q.set_defaults(func=cmd_enroll)
+
+    q = asub.add_parser("merge", help="verify contribution bundles and publish the next version")
+    q.add_argument("atlas_dir", metavar="ATLAS_DIR")
+    q.add_argument("bundles", nargs="+", metavar="BUNDLE")
+    q.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="merge the bundles that verify and report the others (default: refuse all on any failure)",
+    )
+    q.set_defaults(func=cmd_merge)
+
+    q = asub.add_parser("log", help="print the lineage of published versions")
+    q.add_argument("atlas_dir", metavar="ATLAS_DIR")
+    q.add_argument("--json", action="store_true", help="JSON list of versions")
+    q.set_defaults(func=cmd_log)
+
+    q = asub.add_parser("serve", help="serve the published repository over HTTP")
+    q.add_argument("atlas_dir", metavar="ATLAS_DIR")
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    q.add_argument("--verbose", action="store_true", help="log every request")
+    q.set_defaults(func=cmd_serve)
+
+    q = asub.add_parser("refresh", help="re-sign metadata before it expires (run at least weekly)")
+    q.add_argument("atlas_dir", metavar="ATLAS_DIR")
+    q.add_argument("--force", action="store_true", help="re-sign even if not yet due")
+    q.set_defaults(func=cmd_refresh)
+
+    q = asub.add_parser("audit", help="show what a contribution bundle holds (no trust decision)")
+    q.add_argument("bundle", metavar="BUNDLE")
+    q.set_defaults(func=cmd_audit)
+
+
+def _conditions(entry) -> str:  # type: ignore[no-untyped-def]
+    return ", ".join(f"{c.name}@{c.site}" for c in entry.conditions)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from fedarches.server import Atlas
+
+    atlas = Atlas.init(args.atlas_dir, args.name)
+    print(f"created atlas {atlas.name!r} in {atlas.path}")
+    print(f"serve this directory: {atlas.repository_dir}")
+    print(f"trust root (hand it to every site out of band): {atlas.root_json.resolve()}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from fedarches.server import Atlas
+
+    atlas = Atlas(args.atlas_dir)
+    entry = atlas.build(
+        args.data,
+        args.condition_key,
+        args.label_key,
+        kind=args.model,
+        epochs=args.epochs,
+        n_genes=args.n_genes,
+        seed=args.seed,
+        threads=args.threads,
+        layer=args.layer,
+        progress=not args.quiet,
+    )
+    print(f"published version {entry.number} (id {entry.id}) of atlas {atlas.name!r}: {_conditions(entry)}")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from fedarches.server import Atlas
+
+    entry = Atlas(args.atlas_dir).enroll(args.site, args.public_key)
+    print(f"enrolled site {entry.site!r} with key {entry.key_id}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from fedarches.server import Atlas
+
+    result = Atlas(args.atlas_dir).merge(args.bundles, skip_invalid=args.skip_invalid)
+    for r in result.rejected:
+        print(f"rejected {r.source}: {r.error}", file=sys.stderr)
+    for src in result.unchanged:
+        print(f"already merged (no-op): {src}")
+    for e in result.published:
+        parents = ", ".join(str(n) for n in e.parent_numbers)
+        print(f"published version {e.number} (id {e.id}) on branch {e.branch!r}, parents [{parents}]: {_conditions(e)}")
+    if not result.published:
+        head = result.head
+        print(f"nothing new to publish; head of main is version {head.number if head else '-'}")
+    return 2 if result.rejected and not result.published and not result.unchanged else 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from fedarches.server import Atlas
+
+    atlas = Atlas(args.atlas_dir)
+    entries = atlas.log()
+    if args.json:
+        print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"atlas {atlas.name!r} has no versions yet (run `fedarches atlas build`)")
+        return 0
+    for e in reversed(entries):
+        parents = ",".join(str(n) for n in e.parent_numbers) or "-"
+        print(f"v{e.number:<4} {e.id[:12]}  {e.branch:<12} parents {parents:<6} {e.strategy:<12} {e.published}")
+        print(f"      {_conditions(e)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedarches.server import Atlas, make_server
+
+    atlas = Atlas(args.atlas_dir)
+    if atlas.refresh():
+        print("re-signed metadata that was past half its lifetime", flush=True)
+    server = make_server(atlas.repository_dir, args.host, args.port, verbose=args.verbose)
+    print(f"serving atlas {atlas.name!r} from {atlas.repository_dir} at {server.url} (Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+
+    def keep_fresh() -> None:
+        # a long-running server must not let the timestamp expire (sites would refuse it)
+        while not stop.wait(RESIGN_CHECK_SECONDS):
+            try:
+                if atlas.refresh():
+                    print("re-signed metadata that was past half its lifetime", flush=True)
+            except FedarchesError as exc:
+                print(f"fedarches atlas serve: could not re-sign metadata: {exc}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=keep_fresh, name="fedarches-resign", daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        server.server_close()
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from fedarches.server import Atlas
+
+    done = Atlas(args.atlas_dir).refresh(force=args.force)
+    print("re-signed targets, snapshot and timestamp metadata" if done else "metadata not yet due for re-signing")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedarches.contribution import audit_bundle
+
+    report = audit_bundle(args.bundle)
+    report.pop("manifest", None)
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,288 @@
+"""Fetching a verified atlas version through ``tuf.ngclient``.
+
+Why ngclient does the work: the site pins the atlas's ``root.json`` (handed
+out of band) and ngclient walks root -> timestamp -> snapshot -> targets,
+checking signatures, thresholds, version numbers against what this site saw
+before (rollback), expiry (freeze), hashes and lengths of every file, and upper
+bounds on every download (endless data). This module only chooses which
+targets to ask for and turns ngclient's exceptions into ``VerificationError``
+messages that name the failed check.
+
+Site state. ngclient keeps the last trusted metadata in a cache directory;
+that memory is what makes a rolled-back timestamp detectable. We key the cache
+by the sha256 of the pinned root (two mirrors of one atlas share it), run each
+fetch on a copy, and swap the copy in only after the whole fetch verified. A
+refused fetch therefore leaves the cache, and the output directory, exactly as
+they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient import Updater, UpdaterConfig
+from tuf.ngclient.fetcher import FetcherInterface
+
+from fedarches.errors import VerificationError
+from fedarches.server.versions import (
+    LINEAGE_TARGET,
+    MAIN_BRANCH,
+    AtlasVersion,
+    Lineage,
+    LineageEntry,
+    blob_target,
+    version_target,
+    write_model_dir,
+)
+
+CACHE_ENV = "FEDARCHES_CACHE"
+USER_AGENT = "fedarches-site"
+
+
+def default_cache_root() -> Path:
+    """``$FEDARCHES_CACHE`` or ``$XDG_CACHE_HOME/fedarches`` (``~/.cache/fedarches``)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "fedarches"
+
+
+def tuf_error(exc: BaseException, what: str) -> VerificationError:
+    """Name the TUF check that failed, and what the site can do about it."""
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, tuf_exc.ExpiredMetadataError):
+        return VerificationError(
+            f"expiry check failed while {what}: {msg}. The atlas metadata is past its expiry date: either "
+            "the coordinator stopped re-signing (ask it to run `fedarches atlas refresh`) or someone is "
+            "replaying old metadata (a freeze attack). Nothing was loaded"
+        )
+    if isinstance(exc, tuf_exc.BadVersionNumberError):
+        return VerificationError(
+            f"rollback check failed while {what}: {msg}. The server offers older metadata than this site "
+            "has already seen; refusing to go back to an old atlas version. Nothing was loaded"
+        )
+    if isinstance(exc, tuf_exc.UnsignedMetadataError):
+        return VerificationError(
+            f"signature check failed while {what}: {msg}. The metadata is not signed by the keys of the "
+            "pinned root.json (wrong --trust file, or tampered metadata). Nothing was loaded"
+        )
+    if isinstance(exc, tuf_exc.LengthOrHashMismatchError):
+        return VerificationError(
+            f"hash check failed while {what}: {msg}. A file differs from what the atlas signed "
+            "(tampered or corrupted on the server or in transit). Nothing was loaded"
+        )
+    if isinstance(exc, tuf_exc.DownloadLengthMismatchError):
+        return VerificationError(
+            f"length check failed while {what}: {msg}. The server sent more data than the signed "
+            "length allows (an endless-data attack or a broken server). Nothing was loaded"
+        )
+    if isinstance(exc, tuf_exc.SlowRetrievalError):
+        return VerificationError(f"download speed check failed while {what}: {msg}. Nothing was loaded")
+    if isinstance(exc, tuf_exc.DownloadHTTPError):
+        return VerificationError(
+            f"download check failed while {what}: HTTP {exc.status_code} ({msg}); is --atlas the URL "
+            "that `fedarches atlas serve` prints? Nothing was loaded"
+        )
+    if isinstance(exc, tuf_exc.DownloadError):
+        cause = exc.__cause__ or exc.__context__
+        detail = f"{msg} ({cause})" if cause else msg
+        return VerificationError(
+            f"download check failed while {what}: {detail}; is the atlas server running and --atlas right?"
+        )
+    if isinstance(exc, tuf_exc.RepositoryError):
+        return VerificationError(f"metadata check failed while {what}: {msg}. Nothing was loaded")
+    return VerificationError(f"check failed while {what}: {type(exc).__name__}: {msg}")
+
+
+@dataclass(frozen=True)
+class FetchedVersion:
+    """A verified version written as a model directory."""
+
+    path: Path
+    version: AtlasVersion
+    entry: LineageEntry
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    @property
+    def number(self) -> int:
+        return self.entry.number
+
+
+class AtlasClient:
+    """A site's view of one atlas: URL + pinned root + local trusted-metadata cache.
+
+    ``url`` is the base of the served repository (``<url>/metadata/``,
+    ``<url>/targets/``). ``trust`` is the pinned root.json (path or bytes).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        trust: str | os.PathLike[str] | bytes,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        fetcher: FetcherInterface | None = None,
+        config: UpdaterConfig | None = None,
+    ):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise VerificationError(f"atlas URL check failed: {url!r} is not an http(s) URL")
+        self.url = url.rstrip("/")
+        if isinstance(trust, bytes):
+            self.root_bytes = trust
+        else:
+            p = Path(trust)
+            if not p.is_file():
+                raise VerificationError(
+                    f"trust root check failed: {p} does not exist; pass the root.json the coordinator "
+                    "handed you (`fedarches atlas init` prints where it is)"
+                )
+            self.root_bytes = p.read_bytes()
+        digest = hashlib.sha256(self.root_bytes).hexdigest()
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_root() / "tuf" / digest[:16]
+        self._fetcher = fetcher
+        self._config = config or UpdaterConfig(app_user_agent=USER_AGENT)
+
+    # ------------------------------------------------------------ cache
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Updater]:
+        """An Updater over a copy of the cache; the copy replaces the cache only on success."""
+        cache = self.cache_dir
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(cache.parent / f".{cache.name}.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            old = cache.with_name(f".{cache.name}.old")
+            if not cache.exists() and old.exists():  # a crash between the two renames below
+                os.replace(old, cache)
+            work = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+            try:
+                if cache.exists():
+                    shutil.copytree(cache, work, symlinks=True, dirs_exist_ok=True)
+                targets = work / "downloads"
+                targets.mkdir(exist_ok=True)
+                try:
+                    updater = Updater(
+                        metadata_dir=str(work),
+                        metadata_base_url=f"{self.url}/metadata/",
+                        target_dir=str(targets),
+                        target_base_url=f"{self.url}/targets/",
+                        fetcher=self._fetcher,
+                        config=self._config,
+                        bootstrap=self.root_bytes,
+                    )
+                except (tuf_exc.RepositoryError, ValueError) as exc:
+                    raise VerificationError(
+                        f"trust root check failed: the pinned root.json is not valid TUF root metadata ({exc})"
+                    ) from exc
+                yield updater
+                shutil.rmtree(targets, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
+                if cache.exists():
+                    os.replace(cache, old)
+                os.replace(work, cache)
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    # --------------------------------------------------------- targets
+    @staticmethod
+    def _download(updater: Updater, path: str, what: str) -> bytes:
+        try:
+            info = updater.get_targetinfo(path)
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
+            raise tuf_error(exc, what) from exc
+        if info is None:
+            raise VerificationError(f"target check failed while {what}: the atlas does not publish {path}")
+        try:
+            local = updater.download_target(info)
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
+            raise tuf_error(exc, what) from exc
+        data = Path(local).read_bytes()
+        os.unlink(local)
+        return data
+
+    def _lineage(self, updater: Updater) -> Lineage:
+        try:
+            updater.refresh()
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
+            raise tuf_error(exc, f"refreshing the atlas metadata from {self.url}") from exc
+        return Lineage.from_bytes(self._download(updater, LINEAGE_TARGET, "downloading the lineage"))
+
+    def lineage(self) -> Lineage:
+        """The verified list of published versions."""
+        with self._session() as updater:
+            return self._lineage(updater)
+
+    @staticmethod
+    def _choose(lineage: Lineage, version: int | None, branch: str) -> LineageEntry:
+        if version is not None:
+            return lineage.by_number(version)
+        head = lineage.head(branch)
+        if head is None:
+            raise VerificationError(
+                f"version check failed: atlas {lineage.atlas!r} has published no version on branch {branch!r} yet "
+                "(the coordinator runs `fedarches atlas build` first)"
+            )
+        return head
+
+    def fetch_blobs(
+        self, version: int | None = None, *, branch: str = MAIN_BRANCH
+    ) -> tuple[AtlasVersion, LineageEntry, dict[str, bytes]]:
+        """Verified version manifest and blob bytes of ``version`` (default: head of ``branch``)."""
+        with self._session() as updater:
+            lineage = self._lineage(updater)
+            entry = self._choose(lineage, version, branch)
+            what = f"downloading version {entry.number}"
+            data = self._download(updater, version_target(entry.id), f"{what} (manifest)")
+            manifest = AtlasVersion.from_bytes(data, expected_id=entry.id)
+            if manifest.number != entry.number or manifest.branch != entry.branch or manifest.atlas != lineage.atlas:
+                raise VerificationError(
+                    f"version manifest check failed: version {entry.number} manifest says number "
+                    f"{manifest.number}, branch {manifest.branch!r}, atlas {manifest.atlas!r}"
+                )
+            blobs: dict[str, bytes] = {}
+            for filename, ref in sorted(manifest.blobs.items()):
+                blob = self._download(updater, blob_target(ref.sha256), f"{what} ({filename})")
+                if hashlib.sha256(blob).hexdigest() != ref.sha256:
+                    raise VerificationError(
+                        f"hash check failed while {what}: {filename} is not the blob its manifest names"
+                    )
+                blobs[filename] = blob
+            return manifest, entry, blobs
+
+    def fetch(
+        self, out_dir: str | os.PathLike[str], version: int | None = None, *, branch: str = MAIN_BRANCH
+    ) -> FetchedVersion:
+        """Download, verify and write ``version`` (default: newest on ``branch``) as a model directory.
+
+        Nothing is written unless every check passed; an existing model
+        directory at ``out_dir`` is replaced atomically.
+        """
+        manifest, entry, blobs = self.fetch_blobs(version, branch=branch)
+        path = write_model_dir(out_dir, manifest, blobs)
+        return FetchedVersion(path=path, version=manifest, entry=entry)
+
+
+def fetch_version(
+    url: str,
+    trust: str | os.PathLike[str] | bytes,
+    out_dir: str | os.PathLike[str],
+    version: int | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> FetchedVersion:
+    """``site fetch`` as a function."""
+    return AtlasClient(url, trust, cache_dir=cache_dir).fetch(out_dir, version)

@@ -1,0 +1,452 @@
+"""Contribution bundles: what a site sends back, and the only thing that leaves it.
+
+Why this format: a bundle must be self-authenticating (it can travel over
+Flower, HTTP or a USB stick), readable without executing anything (no pickle,
+invariant 6), and small enough that its size proves it carries no cells
+(invariant 4). So a bundle is ONE safetensors file:
+
+- tensors: the site's new-condition entries, with exactly the keys they have in
+  ``conditions.safetensors`` (``"encoder/<name>"``, ``"decoder/<name>"`` and for
+  NB models ``"dispersion/<name>"``), each a 1-D vector whose length is a width
+  of the model, never a number of cells;
+- ``__metadata__["fedarches.contribution"]``: the canonical JSON of a
+  ``BundleManifest`` (site, key id, atlas, parent version id and number,
+  strategy, new condition names, the sha256/shape/dtype of every tensor, the
+  site's scalar metrics);
+- ``__metadata__["fedarches.signature"]``: base64 Ed25519 signature of exactly
+  those manifest bytes. The manifest hashes every tensor, so the signature
+  covers the tensors too.
+
+Size: ``8 + header + 4 * config.condition_parameter_count(m)`` bytes for ``m``
+new float32 conditions. ``audit_bundle`` checks this.
+
+Branch bundles (strategies ``input-layers`` and ``full``) touched weights that
+every condition shares, so they can never be merged into the main line. They
+carry, in addition to the new-condition entries, every parent tensor whose
+bytes changed, under ``"shared/<blob file>/<tensor key>"`` (for example
+``"shared/weights.safetensors/encoder.0.weight"``, or
+``"shared/conditions.safetensors/encoder/ref_study"`` when fine-tuning moved
+a reference condition). Their size is bounded by the size of the model, still
+not by the number of cells. The coordinator publishes each as its own branch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedarches.config import ModelConfig, Strategy
+from fedarches.errors import ContributionError, VerificationError
+from fedarches.signing import PrivateKey, PublicKey, b64decode, b64encode, verify_canonical
+from fedarches.storage import canonical_json, sha256_bytes, tensor_sha256
+
+BUNDLE_FORMAT = "fedarches.contribution/1"
+BUNDLE_FILE = "contribution.safetensors"
+META_MANIFEST = "fedarches.contribution"
+META_SIGNATURE = "fedarches.signature"
+SHARED_PREFIX = "shared/"
+CONDITION_TABLES = ("encoder", "decoder", "dispersion")
+
+# Limits checked before anything is parsed: a bundle comes from elsewhere.
+MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_METRICS = 64
+MAX_NAME_CHARS = 200
+MAX_METRIC_TEXT = 200
+
+MetricValue = Union[bool, int, float, str]
+BundleSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+
+_METRIC_KEY = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+
+
+class TensorEntry(BaseModel):
+    """What the signature promises about one tensor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    shape: list[int]
+    dtype: str
+
+
+class BundleManifest(BaseModel):
+    """The signed part of a bundle. Canonical JSON of this is what the site signs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["fedarches.contribution/1"] = BUNDLE_FORMAT
+    atlas: str
+    site: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    key_id: str = Field(pattern=r"^[0-9a-f]{64}$")
+    parent: str = Field(pattern=r"^[0-9a-f]{64}$")
+    parent_number: int = Field(ge=1)
+    strategy: Strategy
+    conditions: list[str]
+    tensors: dict[str, TensorEntry]
+    metrics: dict[str, MetricValue] = {}
+
+
+def condition_key(table: str, name: str) -> str:
+    """Key of one condition vector in ``conditions.safetensors`` and in bundles."""
+    return f"{table}/{name}"
+
+
+def split_condition_key(key: str) -> tuple[str, str]:
+    """``"encoder/study 1"`` -> ``("encoder", "study 1")`` (names may contain ``/``)."""
+    table, sep, name = key.partition("/")
+    if not sep or not name:
+        raise ContributionError(f"tensor key check failed: {key!r} is not '<table>/<condition name>'")
+    return table, name
+
+
+def shared_key(blob_file: str, key: str) -> str:
+    return f"{SHARED_PREFIX}{blob_file}/{key}"
+
+
+def split_shared_key(key: str) -> tuple[str, str]:
+    rest = key[len(SHARED_PREFIX) :]
+    blob, sep, inner = rest.partition("/")
+    if not key.startswith(SHARED_PREFIX) or not sep or not inner:
+        raise ContributionError(f"tensor key check failed: {key!r} is not 'shared/<blob file>/<tensor key>'")
+    return blob, inner
+
+
+def check_condition_name(name: str) -> None:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+        raise ContributionError(f"condition name check failed: {name!r} must be 1-{MAX_NAME_CHARS} characters")
+    if any(ord(c) < 32 for c in name):
+        raise ContributionError(f"condition name check failed: {name!r} contains control characters")
+
+
+def sanitize_metrics(values: Mapping[str, Any]) -> dict[str, MetricValue]:
+    """Keep only small scalar metrics (numbers, booleans, short strings).
+
+    Why a filter and not trust: a report may hold arrays, per-cell values or
+    file paths; a bundle must not, so anything that is not a finite scalar
+    with a plain key is dropped rather than shipped.
+    """
+    out: dict[str, MetricValue] = {}
+    for key in sorted(values):
+        if len(out) >= MAX_METRICS:
+            break
+        value = values[key]
+        if not isinstance(key, str) or not _METRIC_KEY.match(key):
+            continue
+        if isinstance(value, bool):
+            out[key] = value
+        elif isinstance(value, int):
+            out[key] = int(value)
+        elif isinstance(value, float):
+            if math.isfinite(value):
+                out[key] = float(value)
+        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalar
+            item = value.item()
+            if isinstance(item, (bool, int)) or (isinstance(item, float) and math.isfinite(item)):
+                out[key] = item
+        elif isinstance(value, str) and len(value) <= MAX_METRIC_TEXT and "/" not in value:
+            out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A parsed bundle whose tensors match its manifest (signature not yet checked).
+
+    ``digest`` (sha256 of the signed manifest bytes) identifies a contribution:
+    the same site submitting the same bytes twice has the same digest, which is
+    how the coordinator recognises an identical resubmission.
+    """
+
+    manifest: BundleManifest
+    manifest_bytes: bytes
+    signature: bytes
+    tensors: dict[str, torch.Tensor]
+    size: int
+    header_size: int
+    source: str = "<bytes>"
+    metadata_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def digest(self) -> str:
+        return sha256_bytes(self.manifest_bytes)
+
+    def verify_signature(self, key: PublicKey) -> None:
+        """Raise ``VerificationError`` unless ``key`` signed this manifest."""
+        if key.key_id != self.manifest.key_id:
+            raise VerificationError(
+                f"signature check failed for bundle {self.source}: it names key "
+                f"{self.manifest.key_id[:16]}..., site {self.manifest.site!r} is enrolled with "
+                f"{key.key_id[:16]}...; the bundle was signed by a key this atlas does not know"
+            )
+        verify_canonical(key, self.manifest_bytes, self.signature, what=f"bundle {self.source}")
+
+    def condition_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if not k.startswith(SHARED_PREFIX)}
+
+    def shared_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
+        return {split_shared_key(k): v for k, v in self.tensors.items() if k.startswith(SHARED_PREFIX)}
+
+
+def _tensor_entry(t: torch.Tensor) -> TensorEntry:
+    return TensorEntry(sha256=tensor_sha256(t), shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+
+
+def create_bundle(
+    *,
+    key: PrivateKey,
+    site: str,
+    atlas: str,
+    parent: str,
+    parent_number: int,
+    strategy: Strategy,
+    tensors: Mapping[str, torch.Tensor],
+    metrics: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Sign and serialise a bundle; returns the safetensors bytes.
+
+    ``tensors`` holds the new-condition entries (``"<table>/<name>"``) and, for
+    branch strategies only, changed parent tensors (``"shared/<file>/<key>"``).
+    The condition names are read off the keys, so the manifest cannot disagree
+    with the tensors it describes.
+    """
+    if not tensors:
+        raise ContributionError("bundle content check failed: no tensors to contribute (no new condition)")
+    names: set[str] = set()
+    clean: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        if k.startswith(SHARED_PREFIX):
+            if strategy == "conditions":
+                raise ContributionError(
+                    f"bundle content check failed: {k} is a shared tensor but strategy 'conditions' "
+                    "must leave every shared tensor unchanged"
+                )
+            split_shared_key(k)
+        else:
+            table, name = split_condition_key(k)
+            check_condition_name(name)
+            names.add(name)
+        t = t.detach().cpu().contiguous()
+        if t.ndim < 1 or not torch.isfinite(t).all():
+            raise ContributionError(f"bundle content check failed: tensor {k} is empty, scalar or not finite")
+        clean[k] = t
+    if not names:
+        raise ContributionError("bundle content check failed: no new condition tensors")
+    manifest = BundleManifest(
+        atlas=atlas,
+        site=site,
+        key_id=key.public.key_id,
+        parent=parent,
+        parent_number=parent_number,
+        strategy=strategy,
+        conditions=sorted(names),
+        tensors={k: _tensor_entry(t) for k, t in clean.items()},
+        metrics=sanitize_metrics(metrics or {}),
+    )
+    manifest_bytes = canonical_json(manifest)
+    signature = key.sign(manifest_bytes)
+    metadata = {META_MANIFEST: manifest_bytes.decode("utf-8"), META_SIGNATURE: b64encode(signature)}
+    return st_save(dict(sorted(clean.items())), metadata=metadata)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bundle(path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """``create_bundle(**kwargs)`` written atomically to ``path``."""
+    p = Path(path)
+    _atomic_write(p, create_bundle(**kwargs))
+    return p
+
+
+def _read_source(source: BundleSource) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        name = f"<{len(data)} bytes>"
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise ContributionError(f"bundle file check failed: {p} does not exist")
+        size = p.stat().st_size
+        if size > MAX_BUNDLE_BYTES:
+            raise ContributionError(
+                f"bundle size check failed: {p} is {size} bytes, above the {MAX_BUNDLE_BYTES} byte limit"
+            )
+        data = p.read_bytes()
+        name = str(p)
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise ContributionError(f"bundle size check failed: {len(data)} bytes, above the {MAX_BUNDLE_BYTES} limit")
+    return data, name
+
+
+def _parse_header(data: bytes, name: str) -> tuple[int, dict[str, Any]]:
+    """Read the safetensors JSON header ourselves: bounded, no code execution."""
+    if len(data) < 8:
+        raise ContributionError(f"bundle format check failed: {name} is too short to be safetensors")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+        raise ContributionError(
+            f"bundle format check failed: {name} declares a {n} byte header "
+            f"(file {len(data)} bytes, limit {MAX_HEADER_BYTES})"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ContributionError(f"bundle format check failed: {name} header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ContributionError(f"bundle format check failed: {name} header is not an object")
+    return n, header
+
+
+def read_bundle(source: BundleSource) -> Bundle:
+    """Parse a bundle and check that its tensors are exactly what the manifest signs.
+
+    Does NOT decide whether the signer is trusted (that needs the coordinator's
+    enrollment list): call ``Bundle.verify_signature`` with the enrolled key.
+    """
+    data, name = _read_source(source)
+    header_size, header = _parse_header(data, name)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or META_MANIFEST not in meta or META_SIGNATURE not in meta:
+        raise ContributionError(
+            f"bundle format check failed: {name} has no signed fedarches manifest in its metadata; "
+            "it is not a contribution bundle (write one with `fedarches site map`)"
+        )
+    extra_meta = sorted(set(meta) - {META_MANIFEST, META_SIGNATURE})
+    if extra_meta:
+        raise ContributionError(f"bundle content check failed: {name} has unexpected metadata keys {extra_meta}")
+    manifest_text = meta[META_MANIFEST]
+    if not isinstance(manifest_text, str):
+        raise ContributionError(f"bundle format check failed: {name} manifest is not text")
+    manifest_bytes = manifest_text.encode("utf-8")
+    signature = b64decode(str(meta[META_SIGNATURE]), what=f"signature of {name}")
+    try:
+        raw = json.loads(manifest_bytes)
+        manifest = BundleManifest.model_validate(raw)
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise ContributionError(f"bundle manifest check failed: {name}: {exc}") from exc
+    if canonical_json(manifest) != manifest_bytes:
+        raise ContributionError(f"bundle manifest check failed: {name} manifest is not canonical JSON")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ContributionError(f"bundle format check failed: {name} is not readable safetensors ({exc})") from exc
+    if set(tensors) != set(manifest.tensors):
+        missing = sorted(set(manifest.tensors) - set(tensors))
+        unsigned = sorted(set(tensors) - set(manifest.tensors))
+        raise VerificationError(
+            f"tensor list check failed for {name}: missing {missing}, not in the signed manifest {unsigned}"
+        )
+    names: set[str] = set()
+    for key, t in tensors.items():
+        entry = manifest.tensors[key]
+        if tensor_sha256(t) != entry.sha256 or list(t.shape) != entry.shape:
+            raise VerificationError(f"tensor hash check failed for {name}: {key} differs from what the manifest signs")
+        if key.startswith(SHARED_PREFIX):
+            if manifest.strategy == "conditions":
+                raise ContributionError(
+                    f"bundle content check failed: {name} carries shared tensor {key} but claims strategy 'conditions'"
+                )
+            split_shared_key(key)
+        else:
+            names.add(split_condition_key(key)[1])
+    if names != set(manifest.conditions) or manifest.conditions != sorted(manifest.conditions):
+        raise ContributionError(
+            f"bundle content check failed: {name} names conditions {manifest.conditions} "
+            f"but holds tensors for {sorted(names)}"
+        )
+    for cname in manifest.conditions:
+        check_condition_name(cname)
+    if sanitize_metrics(manifest.metrics) != dict(manifest.metrics):
+        raise ContributionError(
+            f"bundle metrics check failed: {name} reports metrics that are not small finite scalars "
+            f"(at most {MAX_METRICS}, text up to {MAX_METRIC_TEXT} characters)"
+        )
+    return Bundle(
+        manifest=manifest,
+        manifest_bytes=manifest_bytes,
+        signature=signature,
+        tensors=tensors,
+        size=len(data),
+        header_size=header_size,
+        source=name,
+        metadata_keys=tuple(sorted(meta)),
+    )
+
+
+def expected_tensor_bytes(config: ModelConfig, n_conditions: int, itemsize: int = 4) -> int:
+    """Bytes of tensor data in a ``conditions``-strategy bundle: the size formula."""
+    return itemsize * config.condition_parameter_count(n_conditions)
+
+
+def audit_bundle(path: BundleSource, config: ModelConfig | None = None) -> dict[str, Any]:
+    """Describe what a bundle would reveal, for a human or a test to check.
+
+    Returns keys: ``size``, ``header_bytes`` (8-byte length prefix + JSON
+    header), ``tensor_bytes``, ``tensors`` ({key: {shape, dtype}}),
+    ``conditions``, ``site``, ``parent``, ``strategy``, ``metrics``,
+    ``metadata_keys``, ``manifest`` (the signed JSON as a dict),
+    ``max_tensor_dim`` and, when ``config`` is given, ``expected_tensor_bytes``,
+    ``expected_size`` and ``size_matches_formula`` plus ``shapes_match_model``
+    (every vector is as long as a model width, so none can be per-cell).
+    """
+    b = read_bundle(path)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in b.tensors.values())
+    report: dict[str, Any] = {
+        "source": b.source,
+        "size": b.size,
+        "header_bytes": 8 + b.header_size,
+        "tensor_bytes": tensor_bytes,
+        "tensors": {
+            k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in b.tensors.items()
+        },
+        "conditions": list(b.manifest.conditions),
+        "site": b.manifest.site,
+        "parent": b.manifest.parent,
+        "parent_number": b.manifest.parent_number,
+        "strategy": b.manifest.strategy,
+        "metrics": dict(b.manifest.metrics),
+        "metadata_keys": list(b.metadata_keys),
+        "manifest": json.loads(b.manifest_bytes),
+        "digest": b.digest,
+        "max_tensor_dim": max((max(t.shape) for t in b.tensors.values()), default=0),
+        "shared_tensors": sorted(k for k in b.tensors if k.startswith(SHARED_PREFIX)),
+    }
+    if config is not None:
+        m = len(b.manifest.conditions)
+        widths = {config.encoder_width, config.decoder_width} | ({config.n_genes} if config.kind == "nb" else set())
+        exp = expected_tensor_bytes(config, m)
+        report["expected_tensor_bytes"] = exp
+        report["expected_size"] = 8 + b.header_size + exp
+        report["size_matches_formula"] = (
+            b.manifest.strategy == "conditions" and b.size == 8 + b.header_size + exp and tensor_bytes == exp
+        )
+        report["shapes_match_model"] = all(
+            t.ndim == 1 and t.shape[0] in widths for k, t in b.condition_tensors().items()
+        )
+    return report

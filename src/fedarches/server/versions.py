@@ -1,0 +1,271 @@
+"""The published atlas format, shared by the coordinator (writes it) and sites (read it).
+
+Why a version manifest on top of TUF: TUF proves *that* the coordinator
+published a set of files and that they were not changed, rolled back or frozen;
+it says nothing about what they mean. The version manifest says what a version
+is: which versions it was derived from, which conditions it holds and which
+site contributed each (with the metrics the site reported), and the complete
+``storage.ModelManifest`` (genes, model config, condition order, sha256 of
+every blob). It is canonical JSON, so its sha256 is a stable identity, the
+version id, which bundles name as their parent. Deliberately no timestamps
+inside it: merging the same contributions in any order must give the same id.
+
+TUF target paths (the published repository, see ``server/repository.py``):
+
+- ``lineage.json``         the index of all versions (``Lineage``), so a site can
+                           find "the latest" or "number N" through a verified file;
+- ``versions/<id>.json``   a version manifest (its file sha256 equals ``<id>``);
+- ``blobs/<sha256>.safetensors`` content-addressed model blobs, shared between
+                           versions (a merge that only adds conditions republishes
+                           just ``conditions.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedarches.errors import ModelFileError, VerificationError
+from fedarches.storage import MANIFEST, ModelManifest, canonical_json, load_model_dir, sha256_bytes
+
+VERSION_FORMAT = "fedarches.atlas-version/1"
+LINEAGE_FORMAT = "fedarches.lineage/1"
+LINEAGE_TARGET = "lineage.json"
+MAIN_BRANCH = "main"
+REFERENCE_SITE = "coordinator"
+ATLAS_VERSION_FILE = "atlas-version.json"
+
+Metric = Union[bool, int, float, str]
+VersionStrategy = Literal["reference", "conditions", "input-layers", "full"]
+
+
+def version_target(version_id: str) -> str:
+    return f"versions/{version_id}.json"
+
+
+def blob_target(sha256: str) -> str:
+    return f"blobs/{sha256}.safetensors"
+
+
+class ConditionRecord(BaseModel):
+    """One condition of a version and where it came from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    site: str
+    introduced_in: int = Field(ge=1, description="number of the version that first held it")
+    contribution: str | None = Field(
+        default=None, description="sha256 of the signed bundle manifest (None for reference conditions)"
+    )
+    metrics: dict[str, Metric] = {}
+
+
+class BlobRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    length: int = Field(ge=0)
+
+
+class AtlasVersion(BaseModel):
+    """A published atlas version. ``id`` = sha256 of ``canonical_json(self)``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["fedarches.atlas-version/1"] = VERSION_FORMAT
+    atlas: str
+    number: int = Field(ge=1)
+    branch: str
+    parents: list[str]
+    strategy: VersionStrategy
+    conditions: list[ConditionRecord]
+    model: ModelManifest
+    blobs: dict[str, BlobRef]
+
+    def canonical(self) -> bytes:
+        return canonical_json(self)
+
+    @property
+    def id(self) -> str:
+        return sha256_bytes(self.canonical())
+
+    def condition_names(self) -> list[str]:
+        return [c.name for c in self.conditions]
+
+    def check(self) -> None:
+        """Internal consistency: the records, the model manifest and the blob list agree."""
+        names = self.condition_names()
+        if names != list(self.model.conditions):
+            raise VerificationError(
+                f"version manifest check failed: version {self.number} lists conditions {names} "
+                f"but its model holds {self.model.conditions}"
+            )
+        if len(set(names)) != len(names):
+            raise VerificationError(f"version manifest check failed: version {self.number} repeats a condition")
+        if {k: v.sha256 for k, v in self.blobs.items()} != dict(self.model.files):
+            raise VerificationError(
+                f"version manifest check failed: version {self.number} blob list disagrees with its model files"
+            )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, expected_id: str | None = None) -> AtlasVersion:
+        """Parse a published manifest; the bytes must be canonical and hash to ``expected_id``."""
+        try:
+            version = cls.model_validate(json.loads(data))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
+            raise VerificationError(f"version manifest check failed: not a fedarches atlas version ({exc})") from exc
+        if version.canonical() != data:
+            raise VerificationError("version manifest check failed: the bytes are not canonical JSON")
+        if expected_id is not None and version.id != expected_id:
+            raise VerificationError(
+                f"version id check failed: manifest hashes to {version.id[:16]}..., expected {expected_id[:16]}..."
+            )
+        version.check()
+        return version
+
+
+class ConditionRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    site: str
+
+
+class LineageEntry(BaseModel):
+    """One line of ``atlas log``: enough to pick a version without fetching it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    number: int
+    id: str
+    parents: list[str]
+    parent_numbers: list[int]
+    branch: str
+    strategy: VersionStrategy
+    conditions: list[ConditionRef]
+    published: str = Field(description="UTC time the coordinator published it (not part of the id)")
+
+
+class Lineage(BaseModel):
+    """All published versions, oldest first. Published as the ``lineage.json`` target."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["fedarches.lineage/1"] = LINEAGE_FORMAT
+    atlas: str
+    versions: list[LineageEntry] = []
+
+    def by_number(self, number: int) -> LineageEntry:
+        for v in self.versions:
+            if v.number == number:
+                return v
+        have = ", ".join(str(v.number) for v in self.versions) or "none"
+        raise VerificationError(f"version check failed: the atlas has no version {number} (published: {have})")
+
+    def by_id(self, version_id: str) -> LineageEntry | None:
+        for v in self.versions:
+            if v.id == version_id:
+                return v
+        return None
+
+    def head(self, branch: str = MAIN_BRANCH) -> LineageEntry | None:
+        """Highest-numbered version on ``branch`` (numbers only grow)."""
+        on = [v for v in self.versions if v.branch == branch]
+        return max(on, key=lambda v: v.number) if on else None
+
+    def next_number(self) -> int:
+        return max((v.number for v in self.versions), default=0) + 1
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Lineage:
+        try:
+            lineage = cls.model_validate(json.loads(data))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
+            raise VerificationError(f"lineage check failed: lineage.json is not a fedarches lineage ({exc})") from exc
+        numbers = [v.number for v in lineage.versions]
+        if numbers != sorted(set(numbers)):
+            raise VerificationError("lineage check failed: version numbers are not strictly increasing")
+        return lineage
+
+
+def entry_for(version: AtlasVersion, lineage: Lineage, published: str) -> LineageEntry:
+    numbers = []
+    for pid in version.parents:
+        p = lineage.by_id(pid)
+        if p is None:
+            raise VerificationError(
+                f"lineage check failed: parent {pid[:16]}... of version {version.number} is unknown"
+            )
+        numbers.append(p.number)
+    return LineageEntry(
+        number=version.number,
+        id=version.id,
+        parents=list(version.parents),
+        parent_numbers=numbers,
+        branch=version.branch,
+        strategy=version.strategy,
+        conditions=[ConditionRef(name=c.name, site=c.site) for c in version.conditions],
+        published=published,
+    )
+
+
+def write_model_dir(out_dir: str | os.PathLike[str], version: AtlasVersion, blobs: Mapping[str, bytes]) -> Path:
+    """Write a model directory from verified blob bytes, atomically.
+
+    The blobs are written byte for byte (not re-serialised) so the hashes in
+    ``manifest.json`` are the published ones; ``atlas-version.json`` keeps the
+    version manifest so a site knows which version (id, number) it holds.
+    Checked with ``storage.load_model_dir`` before it replaces anything.
+    """
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise ModelFileError(f"{target} exists and is not a directory; choose another --out")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise ModelFileError(f"{target} exists and is not a fedarches model directory; choose another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for name, data in blobs.items():
+            (tmp / name).write_bytes(data)
+        (tmp / MANIFEST).write_bytes(canonical_json(version.model))
+        (tmp / ATLAS_VERSION_FILE).write_bytes(version.canonical())
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        load_model_dir(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        return target
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_atlas_version(model_dir: str | os.PathLike[str]) -> AtlasVersion:
+    """The version manifest a fetched model directory came from (id recomputed from its bytes)."""
+    p = Path(model_dir) / ATLAS_VERSION_FILE
+    if not p.is_file():
+        raise ModelFileError(
+            f"{model_dir} has no {ATLAS_VERSION_FILE}: it was not fetched from an atlas (use `fedarches site fetch`)"
+        )
+    version = AtlasVersion.from_bytes(p.read_bytes())
+    manifest = ModelManifest.model_validate_json((Path(model_dir) / MANIFEST).read_bytes())
+    if canonical_json(manifest) != canonical_json(version.model):
+        raise VerificationError(
+            f"version manifest check failed: {model_dir}/{MANIFEST} differs from {ATLAS_VERSION_FILE}"
+        )
+    return version

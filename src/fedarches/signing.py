@@ -1,0 +1,252 @@
+"""Ed25519 keys for sites and the coordinator, and signatures over canonical JSON.
+
+Why Ed25519: signatures are 64 bytes, keys 32 bytes, verification is fast and
+deterministic, and the `cryptography` package implements it without options to
+get wrong (no padding, no hash choice). Why canonical JSON: a signature is over
+bytes, so the signer and the verifier must turn the same object into the same
+bytes; sorted keys, no whitespace and UTF-8 (``storage.canonical_json``) make
+that hold across machines and Python versions.
+
+Key files:
+
+- private keys are PEM PKCS#8, unencrypted, written with mode 0600 into a
+  directory with mode 0700, and never overwritten (losing a key silently is
+  worse than an error);
+- public keys are PEM SubjectPublicKeyInfo, safe to mail around;
+- a key id is the sha256 of the raw 32-byte public key, so anyone holding the
+  public key file can recompute it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel
+
+from fedarches.errors import VerificationError
+from fedarches.storage import canonical_json
+
+PRIVATE_KEY_FILE = "site.key"
+PUBLIC_KEY_FILE = "site.pub"
+SIGNATURE_BYTES = 64
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An Ed25519 public key with a stable id (sha256 of the raw key bytes)."""
+
+    key: Ed25519PublicKey
+
+    @property
+    def raw(self) -> bytes:
+        return self.key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    @property
+    def key_id(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
+
+    def pem(self) -> bytes:
+        return self.key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def verify(self, data: bytes, signature: bytes, *, what: str = "data") -> None:
+        """Raise ``VerificationError`` unless ``signature`` is this key's signature of ``data``."""
+        if len(signature) != SIGNATURE_BYTES:
+            raise VerificationError(
+                f"signature check failed for {what}: the signature is {len(signature)} bytes, "
+                f"an Ed25519 signature is {SIGNATURE_BYTES}"
+            )
+        try:
+            self.key.verify(signature, data)
+        except InvalidSignature:
+            raise VerificationError(
+                f"signature check failed for {what}: not signed by key {self.key_id[:16]}... "
+                "(the content was changed after signing, or another key signed it)"
+            ) from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PublicKey) and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+
+@dataclass(frozen=True)
+class PrivateKey:
+    """An Ed25519 private key; ``public`` is its public half."""
+
+    key: Ed25519PrivateKey
+
+    @property
+    def public(self) -> PublicKey:
+        return PublicKey(self.key.public_key())
+
+    def sign(self, data: bytes) -> bytes:
+        return self.key.sign(data)
+
+    def pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+def generate_key() -> PrivateKey:
+    return PrivateKey(Ed25519PrivateKey.generate())
+
+
+def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` (never widened by umask races), write, fsync.
+
+    ``O_EXCL`` refuses to replace an existing key: regenerating a key by accident
+    would orphan every enrollment and every signature made with the old one.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fd = -1
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> Path:
+    """Write ``key`` as PEM with mode 0600; its directory is created 0700."""
+    p = Path(path)
+    if p.exists():
+        raise VerificationError(
+            f"key file check failed: {p} already exists; refusing to overwrite a private key "
+            "(move it away first if you really mean to replace it)"
+        )
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_new_file(p, key.pem(), 0o600)
+    return p
+
+
+def write_public_key(path: str | os.PathLike[str], key: PublicKey) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    _write_new_file(tmp, key.pem(), 0o644)
+    os.replace(tmp, p)
+    return p
+
+
+def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
+    """Read a PEM Ed25519 private key, refusing files that others can read.
+
+    Like ssh, a private key readable by group or others is treated as possibly
+    leaked: the message says how to fix the mode.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise VerificationError(f"key file check failed: private key {p} does not exist")
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077:
+        raise VerificationError(
+            f"key file check failed: private key {p} has mode {mode:o}, readable by others; run `chmod 600 {p}`"
+        )
+    try:
+        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise VerificationError(f"key file check failed: {p} is not a PEM private key ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise VerificationError(f"key file check failed: {p} is not an Ed25519 key")
+    return PrivateKey(key)
+
+
+def public_key_from_pem(data: bytes, *, source: str = "public key") -> PublicKey:
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise VerificationError(f"key file check failed: {source} is not a PEM public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise VerificationError(f"key file check failed: {source} is not an Ed25519 public key")
+    return PublicKey(key)
+
+
+def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
+    p = Path(path)
+    if not p.is_file():
+        raise VerificationError(f"key file check failed: public key {p} does not exist")
+    return public_key_from_pem(p.read_bytes(), source=str(p))
+
+
+def sign_canonical(key: PrivateKey, obj: BaseModel | dict[str, Any]) -> tuple[bytes, bytes]:
+    """Return ``(canonical_bytes, signature)`` for ``obj``."""
+    data = canonical_json(obj)
+    return data, key.sign(data)
+
+
+def verify_canonical(key: PublicKey, data: bytes, signature: bytes, *, what: str = "data") -> None:
+    """Verify ``signature`` over ``data`` and that ``data`` is canonical JSON.
+
+    Requiring canonical bytes (not just a valid signature) means one object has
+    exactly one signed encoding, so hashes of signed manifests are identities.
+    """
+    key.verify(data, signature, what=what)
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VerificationError(f"canonical JSON check failed for {what}: not JSON ({exc})") from exc
+    if canonical_json(obj) != data:
+        raise VerificationError(f"canonical JSON check failed for {what}: bytes are not canonical JSON")
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str, *, what: str = "signature") -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise VerificationError(f"signature check failed: {what} is not base64 ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class SiteKeyPaths:
+    """Where ``site keygen`` put the key pair."""
+
+    private: Path
+    public: Path
+    key_id: str
+
+
+def keygen(out_dir: str | os.PathLike[str]) -> SiteKeyPaths:
+    """Create a site key pair in ``out_dir`` (private 0600, public for enrollment)."""
+    d = Path(out_dir)
+    priv = d / PRIVATE_KEY_FILE
+    if priv.exists():
+        raise VerificationError(
+            f"key file check failed: {priv} already exists; this directory already holds a site key "
+            "(use it, or choose another --out)"
+        )
+    key = generate_key()
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private_key(priv, key)
+    pub = write_public_key(d / PUBLIC_KEY_FILE, key.public)
+    return SiteKeyPaths(private=priv, public=pub, key_id=key.public.key_id)
+
+
+def load_site_key(key_dir: str | os.PathLike[str]) -> PrivateKey:
+    """Load the private key that ``keygen`` wrote into ``key_dir``."""
+    d = Path(key_dir)
+    if d.is_file():
+        return load_private_key(d)
+    return load_private_key(d / PRIVATE_KEY_FILE)
