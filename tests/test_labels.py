@@ -1,0 +1,267 @@
+"""Label transfer (paper eqs. 17-22) and the calibrated novelty test."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from fedarches.errors import InputDataError
+from fedarches.labels import (
+    KIND_OWN_QUANTILE,
+    KIND_SCALED,
+    MODE_CROSS_STUDY,
+    MODE_LEAVE_ONE_OUT,
+    UNKNOWN,
+    KNNLabelTransfer,
+)
+
+TYPES = np.array([f"type_{c}" for c in "ABCDEF"])
+
+
+def atlas(seed: int, *, n_studies: int = 4, n_per: int = 300, n_small: int = 25, f_offset: float = 7.0,
+          shift_sd: float = 0.4, a_sd: float = 1.0, dims: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian clusters A-E (A small, spread ``a_sd``; the others unit variance), plus
+    F (spread ``a_sd``) placed ``f_offset`` from A, in studies that each add a random
+    shift (a residual batch effect)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0.0, 6.0, (5, dims))
+    direction = rng.normal(size=dims)
+    direction /= np.linalg.norm(direction)
+    centers = np.vstack([centers, centers[0] + f_offset * direction])
+    spread = np.array([a_sd, 1.0, 1.0, 1.0, 1.0, a_sd])
+    shifts = rng.normal(0.0, shift_sd, (n_studies, dims))
+    z, labels, studies = [], [], []
+    for s in range(n_studies):
+        for t in range(6):
+            n = n_small if t == 0 else n_per
+            z.append(centers[t] + shifts[s] + rng.normal(0.0, spread[t], (n, dims)))
+            labels += [TYPES[t]] * n
+            studies += [f"study_{s}"] * n
+    return np.vstack(z), np.array(labels), np.array(studies)
+
+
+# ----------------------------------------------------------------------------- eqs. 17-22
+
+
+def test_uncertainty_matches_hand_computation_of_paper_equations():
+    ref = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, -4.0], [10.0, 10.0]])
+    labels = np.array(["a", "a", "b", "b", "c", "c"])
+    query = np.array([[0.2, 0.1]])
+    lt = KNNLabelTransfer(workers=1).fit(ref, labels, k=5, fpr=0.5, min_label_cells=1)
+    res = lt.predict(query, return_probabilities=True)
+
+    d = sorted((math.dist(query[0], r), lab) for r, lab in zip(ref, labels))[:5]
+    dist = [x for x, _ in d]
+    mean = sum(dist) / 5
+    s = math.sqrt(sum((x - mean) ** 2 for x in dist) / 5)  # np.std: population std
+    kern = [math.exp(-x / (2.0 / s) ** 2) for x in dist]  # eq. 18-19
+    w = [v / sum(kern) for v in kern]  # eq. 20
+    p = {lab: sum(wi for wi, (_, l2) in zip(w, d) if l2 == lab) for lab in "abc"}  # eq. 21
+    best = max(p, key=p.get)
+    assert res.knn_prediction[0] == best
+    assert res.uncertainty[0] == pytest.approx(1.0 - p[best], abs=1e-6)  # eq. 22
+    np.testing.assert_allclose(res.probabilities[0], [p["a"], p["b"], p["c"]], atol=1e-6)
+    assert lt.label_categories == ["a", "b", "c"]
+
+
+def test_equal_distances_give_uniform_weights_and_threshold_is_strict():
+    # query at the centre of a square: all four distances equal, std 0
+    ref = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    lt = KNNLabelTransfer(workers=1).fit(ref, np.array(["A", "A", "B", "C"]), k=4, min_label_cells=1)
+    res = lt.predict(np.zeros((1, 2)), return_probabilities=True)
+    np.testing.assert_allclose(res.probabilities[0], [0.5, 0.25, 0.25])
+    assert res.uncertainty[0] == pytest.approx(0.5)
+    assert not (res.uncertainty > lt.uncertainty_threshold)[0]  # paper: unknown only when u > 0.5
+
+
+def test_widely_spread_distances_do_not_underflow():
+    # naive exp(-d / (2/s)^2) underflows to 0/0 here: s ~ 190, d / (2/s)^2 ~ 1e5
+    ref = np.array([[10.0, 0.0], [20.0, 0.0], [300.0, 0.0], [400.0, 0.0], [500.0, 0.0]])
+    lt = KNNLabelTransfer(workers=1).fit(ref, np.array(["near", "x", "y", "y", "y"]), k=5, min_label_cells=1)
+    res = lt.predict(np.zeros((1, 2)), return_probabilities=True)
+    assert np.isfinite(res.probabilities).all()
+    assert res.knn_prediction[0] == "near" and res.uncertainty[0] == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def test_well_separated_clusters_are_transferred_exactly():
+    z, labels, studies = atlas(0)
+    known = labels != "type_F"
+    ref = (studies != "study_3") & known
+    query = (studies == "study_3") & known
+    lt = KNNLabelTransfer(workers=1).fit(z[ref], labels[ref], ref_batches=studies[ref])
+    res = lt.predict(z[query])
+    assert np.array_equal(res.knn_prediction, labels[query])
+    assert (res.distance_score <= 1).mean() >= 0.98  # the cross-study calibrated test: ~fpr
+    # the in-sample class-Gaussian test also flags some cells of this study's residual
+    # shift (the trade-off documented in labels.py), within the accuracy the issue asks
+    assert (res.prediction == labels[query]).mean() >= 0.95
+    assert res.prediction.dtype == object and res.uncertainty.dtype == np.float32
+    assert res.novelty_score.dtype == np.float32 and res.is_unknown.dtype == bool
+
+
+def test_unseen_type_next_to_a_known_one_is_called_unknown_but_shifted_known_types_are_not():
+    # A is small and dense; F is 3.5 sd(1) units from it: closer to A than the
+    # typical spacing of the other (looser) types, so only a per-label threshold
+    # for A catches it (a global threshold flags about a quarter of F)
+    z, labels, studies = atlas(0, a_sd=0.5, f_offset=3.5, shift_sd=0.2)
+    ref = (studies != "study_3") & (labels != "type_F")
+    query = studies == "study_3"  # a new study: its own batch shift, and the unseen type F
+    lt = KNNLabelTransfer(workers=1).fit(z[ref], labels[ref], ref_batches=studies[ref], fpr=0.01)
+    res = lt.predict(z[query])
+    truth = labels[query]
+    unseen = truth == "type_F"
+
+    # F sits next to A: its neighbours are unanimous, so the paper's uncertainty misses it ...
+    assert (res.knn_prediction[unseen] == "type_A").all()
+    assert (res.uncertainty[unseen] > 0.5).mean() < 0.1
+    # ... and the calibrated distance test catches it
+    assert res.is_unknown[unseen].mean() >= 0.9
+    assert (res.prediction[unseen] == UNKNOWN).all() == res.is_unknown[unseen].all()
+    # known types from the shifted study keep their labels (unknown counts as wrong)
+    assert (res.prediction[~unseen] == truth[~unseen]).mean() >= 0.95
+    # A has 75 reference cells (< min_label_cells): its threshold uses the per-label scale model
+    a = lt.label_categories.index("type_A")
+    assert lt.label_threshold_kind[a] == KIND_SCALED
+    assert lt.label_threshold_kind[lt.label_categories.index("type_B")] == KIND_OWN_QUANTILE
+    assert (lt.label_calibration_mode == MODE_CROSS_STUDY).all()
+
+
+def test_cross_study_false_positive_rate_is_near_fpr():
+    # leave one study out: the left-out study is exactly a "new query study" of known types
+    # (study shifts of sd 0.8 per dimension: a strong residual batch effect)
+    z, labels, studies = atlas(10, n_studies=6, n_per=250, n_small=250, f_offset=30.0, shift_sd=0.8)
+    keep = labels != "type_F"
+    z, labels, studies = z[keep], labels[keep], studies[keep]
+    for fpr in (0.01, 0.05):
+        fair, naive = [], []
+        for s in np.unique(studies):
+            ref = studies != s
+            lt = KNNLabelTransfer(workers=1).fit(z[ref], labels[ref], ref_batches=studies[ref], fpr=fpr)
+            fair.append((lt.predict(z[~ref]).distance_score > 1).mean())
+            loo = KNNLabelTransfer(workers=1).fit(z[ref], labels[ref], fpr=fpr)  # no batches: leave-one-out
+            naive.append((loo.predict(z[~ref]).distance_score > 1).mean())
+        assert 0.4 * fpr <= np.mean(fair) <= 2.0 * fpr, (fpr, fair)
+        # why the calibration must see other studies: leave-one-out is far too strict
+        assert np.mean(naive) > 3.0 * fpr, (fpr, naive)
+
+
+def test_leave_one_out_false_positive_rate_on_held_out_reference_cells():
+    z, labels, _ = atlas(20, n_studies=1, n_per=1500, n_small=1500, f_offset=30.0)
+    keep = labels != "type_F"
+    z, labels = z[keep], labels[keep]
+    held = np.random.default_rng(0).random(z.shape[0]) < 0.25
+    lt = KNNLabelTransfer(workers=1).fit(z[~held], labels[~held], fpr=0.05)
+    assert (lt.label_calibration_mode == MODE_LEAVE_ONE_OUT).all()
+    res = lt.predict(z[held])
+    rate = (res.distance_score > 1).mean()
+    assert 0.025 <= rate <= 0.09, rate
+    # the class-Gaussian test is calibrated in-sample at the same fpr on the reference
+    g_rate = (res.gaussian_score > 1).mean()
+    assert 0.025 <= g_rate <= 0.09, g_rate
+
+
+def test_gaussian_test_is_in_sample_calibrated_and_pays_for_unremoved_batch_shifts():
+    """Documents the trade-off in labels.py: the class-Gaussian test holds its fpr on
+    reference-like cells, and flags more when a study's batch shift was not removed."""
+    z, labels, studies = atlas(10, n_studies=6, n_per=250, n_small=250, f_offset=30.0, shift_sd=0.8)
+    keep = labels != "type_F"
+    z, labels, studies = z[keep], labels[keep], studies[keep]
+    ref = studies != np.unique(studies)[0]
+    lt = KNNLabelTransfer(workers=1).fit(z[ref], labels[ref], ref_batches=studies[ref], fpr=0.01)
+    on_reference = (lt.predict(z[ref]).gaussian_score > 1).mean()
+    assert on_reference <= 0.02, on_reference
+    shifted = (lt.predict(z[~ref]).gaussian_score > 1).mean()
+    assert shifted > on_reference, (shifted, on_reference)
+
+
+def test_label_seen_in_one_study_is_calibrated_leave_one_out():
+    z, labels, studies = atlas(1)
+    only_one = (labels != "type_C") | (studies == "study_0")  # type_C only in study_0
+    lt = KNNLabelTransfer(workers=1).fit(z[only_one], labels[only_one], ref_batches=studies[only_one])
+    c = lt.label_categories.index("type_C")
+    assert lt.label_calibration_mode[c] == MODE_LEAVE_ONE_OUT
+    assert lt.label_calibration_mode[lt.label_categories.index("type_B")] == MODE_CROSS_STUDY
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def test_state_round_trips_through_safetensors(tmp_path):
+    z, labels, studies = atlas(2)
+    ref = studies != "study_3"
+    lt = KNNLabelTransfer(workers=1).fit(z[ref], labels[ref], ref_batches=studies[ref], fpr=0.02, k=30)
+    state = lt.state()
+    assert all(isinstance(v, np.ndarray) and v.dtype.kind in "iuf" for v in state.values())
+    save_file(state, str(tmp_path / "reference.safetensors"))
+    loaded = load_file(str(tmp_path / "reference.safetensors"))
+
+    codes = lt.ref_codes.astype(np.int64)  # what the model stores next to the latent
+    again = KNNLabelTransfer.from_state(z[ref], codes, loaded, label_categories=lt.label_categories, workers=1)
+    from_strings = KNNLabelTransfer.from_state(z[ref], labels[ref], loaded, workers=1)
+    a, b, c = (t.predict(z[~ref]) for t in (lt, again, from_strings))
+    for other in (b, c):
+        assert np.array_equal(a.prediction, other.prediction)
+        assert np.array_equal(a.novelty_score, other.novelty_score)
+        assert np.array_equal(a.uncertainty, other.uncertainty)
+    assert again.k == 30 and again.fpr == 0.02
+
+    relabelled = labels[ref].copy()
+    relabelled[:10] = "type_B"
+    with pytest.raises(InputDataError, match="per-label cell counts differ"):
+        KNNLabelTransfer.from_state(z[ref], relabelled, loaded, workers=1)
+    with pytest.raises(InputDataError, match="missing"):
+        KNNLabelTransfer.from_state(z[ref], labels[ref], {"k": loaded["k"]}, workers=1)
+    with pytest.raises(InputDataError, match="fitted on"):
+        KNNLabelTransfer.from_state(z[ref][:-1], labels[ref][:-1], loaded, workers=1)
+
+
+def test_int_labels_and_explicit_categories():
+    z, labels, _ = atlas(3, n_studies=1)
+    ints = np.searchsorted(TYPES, labels) + 10
+    lt = KNNLabelTransfer(workers=1).fit(z, ints)
+    assert lt.label_categories == [str(i) for i in range(10, 16)]
+    assert set(lt.predict(z[:50]).knn_prediction) <= set(lt.label_categories)
+    codes = np.searchsorted(TYPES, labels)
+    lt2 = KNNLabelTransfer(workers=1).fit(z, codes, label_categories=list(TYPES))
+    assert lt2.label_categories == list(TYPES)
+    assert np.array_equal(lt2.ref_codes, codes)
+
+
+def test_bad_input_is_refused_with_a_reason():
+    z, labels, studies = atlas(4, n_studies=2)
+    lt = KNNLabelTransfer(workers=1)
+    with pytest.raises(InputDataError, match="not fitted"):
+        lt.predict(z)
+    bad = z.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(InputDataError, match="NaN"):
+        lt.fit(bad, labels)
+    with pytest.raises(InputDataError, match="entries"):
+        lt.fit(z, labels[:-1])
+    with pytest.raises(InputDataError, match="missing values"):
+        lt.fit(z, np.where(np.arange(len(labels)) == 5, None, labels).astype(object))
+    with pytest.raises(InputDataError, match="fpr"):
+        lt.fit(z, labels, fpr=1.5)
+    with pytest.raises(InputDataError, match="not in label_categories"):
+        lt.fit(z, labels, label_categories=["type_A"])
+    lt.fit(z, labels, ref_batches=studies)
+    with pytest.raises(InputDataError, match="dimensions"):
+        lt.predict(z[:, :3])
+
+
+def test_small_inputs_are_instant():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(1000, 10))
+    labels = rng.integers(0, 5, 1000).astype(str)
+    batches = rng.integers(0, 3, 1000)
+    t0 = time.perf_counter()
+    lt = KNNLabelTransfer(workers=1).fit(z, labels, ref_batches=batches)
+    lt.predict(rng.normal(size=(1000, 10)))
+    assert time.perf_counter() - t0 < 2.0
