@@ -121,7 +121,9 @@ def test_unseen_type_next_to_a_known_one_is_called_unknown_but_shifted_known_typ
     # F sits next to A: its neighbours are unanimous, so the paper's uncertainty misses it ...
     assert (res.knn_prediction[unseen] == "type_A").all()
     assert (res.uncertainty[unseen] > 0.5).mean() < 0.1
-    # ... and the calibrated distance test catches it
+    # ... and the calibrated distance test catches it (on its own: the class-Gaussian
+    # test would too, so is_unknown alone would not notice a broken distance test)
+    assert (res.distance_score[unseen] > 1).mean() >= 0.9
     assert res.is_unknown[unseen].mean() >= 0.9
     assert (res.prediction[unseen] == UNKNOWN).all() == res.is_unknown[unseen].all()
     # known types from the shifted study keep their labels (unknown counts as wrong)

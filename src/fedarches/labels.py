@@ -303,7 +303,7 @@ class KNNLabelTransfer:
         uncertainty_threshold: float = 0.5,
         min_label_cells: int = 100,
         label_categories: Sequence[str] | None = None,
-        max_calibration_cells: int = 200_000,
+        max_calibration_cells: int = 100_000,
         max_groups: int = 10,
         seed: int = 0,
     ) -> KNNLabelTransfer:

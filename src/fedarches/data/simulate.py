@@ -236,12 +236,13 @@ def simulate(
     indices = np.empty(nnz, dtype=index_dtype)
     data = np.empty(nnz, dtype=np.float32)
     pos = 0
-    for i in range(len(pieces)):
-        _, cols, vals = pieces[i]
+    pieces.reverse()
+    while pieces:  # pop each block once copied (a view such as cols[:0] would keep it alive)
+        _, cols, vals = pieces.pop()
         indices[pos: pos + cols.size] = cols
         data[pos: pos + vals.size] = vals
         pos += cols.size
-        pieces[i] = (pieces[i][0], cols[:0], vals[:0])  # release the block as we go
+    del cols, vals
     x = sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n_cells, n_genes))
 
     width = len(str(n_genes - 1))
