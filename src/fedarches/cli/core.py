@@ -8,20 +8,8 @@ import os
 from pathlib import Path
 
 from fedarches.config import STRATEGIES, TrainConfig
+from fedarches.data.io import read_h5ad
 from fedarches.errors import InputDataError
-
-
-def read_h5ad(path: str):
-    """Read an h5ad file with an error that names the file when it is not one."""
-    import anndata as ad
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputDataError(f"data file {p} does not exist")
-    try:
-        return ad.read_h5ad(p)
-    except Exception as exc:  # h5py/anndata raise many types for a foreign file
-        raise InputDataError(f"{p} is not a readable .h5ad file ({type(exc).__name__}: {exc})") from exc
 
 
 def _check_out_dir(path: str) -> Path:

@@ -98,7 +98,7 @@ def _split_generated(args: argparse.Namespace) -> tuple[Any, dict[str, list[Any]
 
 
 def _split_user(args: argparse.Namespace) -> tuple[Any, dict[str, list[Any]], str, str, str | None]:
-    from fedarches.cli.core import read_h5ad
+    from fedarches.data.io import read_h5ad
 
     if not args.condition_key or not args.label_key:
         raise InputDataError("--data needs --condition-key and --label-key")

@@ -43,6 +43,7 @@ from fedarches.contribution import (
     split_condition_key,
 )
 from fedarches.client.fetch import AtlasClient, FetchedVersion
+from fedarches.data.io import read_h5ad
 from fedarches.errors import ContributionError, InputDataError, ModelFileError
 from fedarches.server.versions import AtlasVersion, read_atlas_version
 from fedarches.signing import PrivateKey, load_site_key
@@ -155,18 +156,6 @@ def _resolve_key(key: PrivateKey | str | os.PathLike[str]) -> PrivateKey:
     return key if isinstance(key, PrivateKey) else load_site_key(key)
 
 
-def _read_query(data: ad.AnnData | str | os.PathLike[str]) -> ad.AnnData:
-    if isinstance(data, ad.AnnData):
-        return data
-    p = Path(data)
-    if not p.is_file():
-        raise InputDataError(f"query data {p} does not exist")
-    try:
-        return ad.read_h5ad(p)
-    except Exception as exc:  # anndata raises many types for a bad file
-        raise InputDataError(f"cannot read {p} as .h5ad: {exc}") from exc
-
-
 def map_local(
     parent_dir: str | os.PathLike[str],
     *,
@@ -196,7 +185,7 @@ def map_local(
         raise InputDataError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     private = _resolve_key(key)
     parent = read_atlas_version(parent_dir)
-    adata = _read_query(data)
+    adata = read_h5ad(data)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_FILE).is_file())):
         raise ModelFileError(f"{out} exists and is not the output of a previous `site map`; choose another --out")

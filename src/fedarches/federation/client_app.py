@@ -29,6 +29,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from fedarches.data.io import read_h5ad
 from fedarches.errors import FedarchesError, InputDataError
 from fedarches.federation.protocol import (
     ERROR_INPUT,
@@ -59,7 +60,6 @@ def _trust_root(site: SiteConfig, request: MapRequest) -> bytes:
 
 def map_for_request(site: SiteConfig, request: MapRequest) -> MapReply:
     """Everything a site does for one request; returns the reply (raises on failure)."""
-    import anndata as ad
     import numpy as np
 
     from fedarches.client.fetch import AtlasClient
@@ -79,10 +79,7 @@ def map_for_request(site: SiteConfig, request: MapRequest) -> MapReply:
         )
     held = set(fetched.version.condition_names())
 
-    try:
-        adata = ad.read_h5ad(site.data)
-    except Exception as exc:  # anndata raises many types for a bad file
-        raise InputDataError(f"cannot read site data {site.data} as .h5ad: {exc}") from exc
+    adata = read_h5ad(site.data, "site data")
     if site.condition_key not in adata.obs:
         raise InputDataError(
             f"condition key {site.condition_key!r} is not a column of {site.data} "

@@ -53,6 +53,7 @@ from fedarches.contribution import (
     sanitize_metrics,
     split_condition_key,
 )
+from fedarches.data.io import read_h5ad
 from fedarches.errors import ContributionError, FedarchesError, ModelFileError, VerificationError
 from fedarches.server.repository import ExpiryPolicy, RepoState, TufRepository, atomic_write
 from fedarches.server.versions import (
@@ -169,22 +170,6 @@ class MergeResult:
 
 def _utc_now() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _read_h5ad(data: Any) -> Any:
-    import anndata as ad
-
-    from fedarches.errors import InputDataError
-
-    if isinstance(data, ad.AnnData):
-        return data
-    p = Path(data)
-    if not p.is_file():
-        raise InputDataError(f"data file {p} does not exist")
-    try:
-        return ad.read_h5ad(p)
-    except Exception as exc:  # h5py/anndata raise many types for a foreign file
-        raise InputDataError(f"{p} is not a readable .h5ad file ({type(exc).__name__}: {exc})") from exc
 
 
 def _source_name(source: BundleSource) -> str:
@@ -464,7 +449,7 @@ class Atlas:
                 f"atlas {self.name!r} already has a reference (version 1); build a new atlas directory "
                 "for a new reference, or grow this one with `atlas merge`"
             )
-        adata = _read_h5ad(data)
+        adata = read_h5ad(data)
         model = FedArchesModel.train_reference(
             adata,
             condition_key,
