@@ -79,7 +79,7 @@ def _study_vs_replicate_gap(adata) -> tuple[float, float]:
 
 
 def test_study_effects_exist_and_are_controlled_by_their_parameters():
-    kw = dict(n_cells=4000, n_genes=400, n_cell_types=2, n_studies=2, seed=3, n_jobs=1)
+    kw = {"n_cells": 4000, "n_genes": 400, "n_cell_types": 2, "n_studies": 2, "seed": 3, "n_jobs": 1}
     with_effect = simulate(**kw, study_gene_sd=0.5, study_library_sd=0.5)
     without = simulate(**kw, study_gene_sd=0.0, study_library_sd=0.0)
     between, within = _study_vs_replicate_gap(with_effect)
@@ -118,7 +118,7 @@ def test_cell_types_follow_their_programs():
 def test_sampler_draws_the_negative_binomial(mu, theta):
     n = 200_000
     rng = np.random.default_rng(0)
-    nnz, cols, vals = _nb_block(rng, np.full(n, mu, np.float32), np.ones((1, 1), np.float32),
+    nnz, _cols, vals = _nb_block(rng, np.full(n, mu, np.float32), np.ones((1, 1), np.float32),
                                 np.zeros(n, np.int64), np.array([theta], np.float32))
     x = np.zeros(n)
     x[np.repeat(np.arange(n), nnz)] = vals

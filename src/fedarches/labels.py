@@ -104,7 +104,7 @@ from scipy.spatial import cKDTree
 from fedarches.errors import InputDataError
 from fedarches.novelty import ClassGaussianNovelty
 
-__all__ = ["KNNLabelTransfer", "LabelTransferResult", "UNKNOWN"]
+__all__ = ["UNKNOWN", "KNNLabelTransfer", "LabelTransferResult"]
 
 UNKNOWN = "Unknown"
 STATE_FORMAT = 1
@@ -178,7 +178,7 @@ def _label_strings(labels: Any, n: int, what: str) -> np.ndarray:
     if raw.dtype.kind == "f":
         missing = np.isnan(raw)
     elif raw.dtype.kind == "O":
-        missing = np.fromiter((v is None or (isinstance(v, float) and v != v) for v in raw), dtype=bool, count=n)
+        missing = np.fromiter((v is None or (isinstance(v, float) and np.isnan(v)) for v in raw), dtype=bool, count=n)
     else:
         missing = np.zeros(n, dtype=bool)
     if missing.any():
@@ -518,7 +518,7 @@ class KNNLabelTransfer:
     def state(self) -> dict[str, np.ndarray]:
         """Everything besides the reference latent and labels needed to rebuild this object.
 
-        Only numeric 1-D arrays (safetensors holds no strings); label categories
+        Only numeric arrays (safetensors holds no strings; the class-Gaussian part is 2-D and 3-D); label categories
         travel separately (the model manifest) and the per-label arrays are indexed
         by label code. ``label_counts`` lets :meth:`from_state` detect labels that do
         not match the calibration.
@@ -621,7 +621,7 @@ class KNNLabelTransfer:
 
 def _label_probabilities(dist: np.ndarray, neighbour_codes: np.ndarray, n_labels: int) -> np.ndarray:
     """Paper eq. 21: p(y) = sum of the kernel weights of neighbours labelled y."""
-    n, k = dist.shape
+    n = dist.shape[0]
     w = knn_weights(dist)
     flat = (np.arange(n, dtype=np.int64)[:, None] * n_labels + neighbour_codes).ravel()
     return np.bincount(flat, weights=w.ravel(), minlength=n * n_labels).reshape(n, n_labels)

@@ -47,17 +47,21 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_samples
+from sklearn.metrics import (
+    adjusted_rand_score,
+    normalized_mutual_info_score,
+    silhouette_samples,
+)
 
 from fedarches.errors import InputDataError
 
 __all__ = [
-    "integration_metrics",
-    "entropy_batch_mixing",
-    "knn_purity",
-    "silhouette_celltype",
-    "silhouette_batch",
     "clustering_scores",
+    "entropy_batch_mixing",
+    "integration_metrics",
+    "knn_purity",
+    "silhouette_batch",
+    "silhouette_celltype",
 ]
 
 _LEAFSIZE = 64
@@ -88,9 +92,8 @@ def _codes(values: Any, n: int, what: str) -> tuple[np.ndarray, int]:
         raise InputDataError(f"{what} has {raw.shape[0]} entries but the latent has {n} cells")
     if raw.dtype.kind == "f" and np.isnan(raw).any():
         raise InputDataError(f"{what} has missing values; drop those cells first")
-    if raw.dtype.kind == "O":
-        if any(v is None or (isinstance(v, float) and v != v) for v in raw):
-            raise InputDataError(f"{what} has missing values; drop those cells first")
+    if raw.dtype.kind == "O" and any(v is None or (isinstance(v, float) and np.isnan(v)) for v in raw):
+        raise InputDataError(f"{what} has missing values; drop those cells first")
     uniq, inv = np.unique(raw.astype(str), return_inverse=True)
     return inv.ravel().astype(np.int64), int(uniq.size)
 
@@ -127,7 +130,7 @@ def _stratified(codes: np.ndarray, n_groups: int, max_cells: int, rng: np.random
         members = np.flatnonzero(codes == g)
         if members.size == 0:
             continue
-        m = min(members.size, max(int(round(max_cells * members.size / n)), min_per_group))
+        m = min(members.size, max(round(max_cells * members.size / n), min_per_group))
         keep.append(rng.choice(members, size=m, replace=False))
     return np.sort(np.concatenate(keep))
 

@@ -55,7 +55,7 @@ import scipy.sparse as sp
 
 from fedarches.errors import InputDataError
 
-__all__ = ["simulate", "cell_type_names", "study_names"]
+__all__ = ["cell_type_names", "simulate", "study_names"]
 
 BLOCK_CELLS = 4096  # cells per random stream; fixed so results never depend on n_jobs
 _MU_REJECTION = 5.0  # above this mean, zero-truncated draws use gamma-Poisson rejection (measured faster)
