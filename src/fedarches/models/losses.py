@@ -32,29 +32,25 @@ def nb_log_likelihood(x: torch.Tensor, mu: torch.Tensor, log_theta: torch.Tensor
     return dense + sparse
 
 
-def _rbf_kernel(a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    d2 = torch.cdist(a, b).pow(2)
-    beta = 1.0 / (2.0 * scales)
-    return torch.exp(-beta.view(-1, 1, 1) * d2.unsqueeze(0)).sum(0)
-
-
 def mmd_between_conditions(h: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
     """Multi-scale RBF MMD^2 between every pair of conditions present in the batch,
-    averaged over pairs; zero when fewer than two conditions are present."""
-    present = torch.unique(condition)
-    if present.numel() < 2:
+    averaged over pairs; zero when fewer than two conditions are present.
+
+    One kernel matrix for the whole minibatch; the mean kernel between any two
+    conditions is then a product with the normalised one-hot matrix (M^T K M),
+    instead of three kernel evaluations per pair of conditions.
+    """
+    present, inverse = torch.unique(condition, return_inverse=True)
+    n_groups = present.numel()
+    if n_groups < 2:
         return h.new_zeros(())
     scales = torch.tensor(MMD_SCALES, dtype=h.dtype, device=h.device)
-    groups = [h[condition == c] for c in present]
-    total = h.new_zeros(())
-    pairs = 0
-    for i in range(len(groups)):
-        for j in range(i):
-            a, b = groups[i], groups[j]
-            total = total + (
-                _rbf_kernel(a, a, scales).mean()
-                + _rbf_kernel(b, b, scales).mean()
-                - 2.0 * _rbf_kernel(a, b, scales).mean()
-            )
-            pairs += 1
-    return total / pairs
+    d2 = torch.cdist(h, h).pow(2)
+    kernel = torch.exp(-(1.0 / (2.0 * scales)).view(-1, 1, 1) * d2.unsqueeze(0)).sum(0)
+    onehot = torch.nn.functional.one_hot(inverse, n_groups).to(h.dtype)
+    onehot = onehot / onehot.sum(0, keepdim=True)
+    means = onehot.t() @ kernel @ onehot  # [groups, groups]: mean kernel between groups
+    diag = means.diagonal()
+    mmd = diag.unsqueeze(0) + diag.unsqueeze(1) - 2.0 * means
+    upper = torch.triu_indices(n_groups, n_groups, offset=1, device=h.device)
+    return mmd[upper[0], upper[1]].mean()

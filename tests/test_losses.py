@@ -1,0 +1,48 @@
+"""The losses' fast forms equal their textbook definitions."""
+
+from __future__ import annotations
+
+import torch
+
+from fedarches.models.losses import MMD_SCALES, mmd_between_conditions, nb_log_likelihood
+
+
+def _pairwise_mmd(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    scales = torch.tensor(MMD_SCALES, dtype=h.dtype)
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-(1 / (2 * scales)).view(-1, 1, 1) * torch.cdist(a, b).pow(2).unsqueeze(0)).sum(0)
+
+    groups = [h[c == x] for x in torch.unique(c)]
+    terms = [k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean()
+             for i, a in enumerate(groups) for b in groups[:i]]
+    return torch.stack(terms).mean()
+
+
+def test_mmd_equals_pairwise_definition():
+    torch.manual_seed(0)
+    h = torch.randn(96, 20, dtype=torch.float64)
+    c = torch.randint(0, 4, (96,))
+    assert torch.allclose(mmd_between_conditions(h, c), _pairwise_mmd(h, c), rtol=1e-7)
+    assert mmd_between_conditions(h, torch.zeros(96, dtype=torch.long)) == 0
+
+
+def test_mmd_sees_a_shift_between_conditions():
+    torch.manual_seed(1)
+    same = torch.randn(200, 5)
+    c = torch.arange(200) % 2
+    shifted = same + 3.0 * c.unsqueeze(1)
+    assert mmd_between_conditions(shifted, c) > 10 * mmd_between_conditions(same, c)
+
+
+def test_nb_likelihood_sparse_form_equals_dense_formula():
+    torch.manual_seed(0)
+    x = torch.poisson(torch.rand(64, 300) * 0.3)
+    mu = torch.rand(64, 300) * 2 + 0.01
+    log_theta = torch.randn(64, 300)
+    theta = log_theta.exp()
+    ltm = torch.log(theta + mu + 1e-8)
+    dense = (theta * (log_theta - ltm) + x * (torch.log(mu + 1e-8) - ltm)
+             + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)).sum()
+    assert (x == 0).float().mean() > 0.5
+    assert torch.allclose(nb_log_likelihood(x, mu, log_theta), dense, rtol=1e-6)
