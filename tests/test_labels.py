@@ -267,3 +267,59 @@ def test_small_inputs_are_instant():
     lt = KNNLabelTransfer(workers=1).fit(z, labels, ref_batches=batches)
     lt.predict(rng.normal(size=(1000, 10)))
     assert time.perf_counter() - t0 < 2.0
+
+
+# ----------------------------------------------------------------------------- neighbour search
+
+
+def test_approximate_index_agrees_with_exact_and_is_repeatable():
+    pytest.importorskip("faiss")
+    z, labels, studies = atlas(5, n_studies=4, n_per=900, n_small=500, a_sd=0.6, f_offset=4.0, shift_sd=0.3)
+    rng = np.random.default_rng(1)
+    z = z + rng.normal(0.0, 0.05, z.shape)  # ~20k cells, overlapping clusters (F next to A)
+    z = np.vstack([z, z + rng.normal(0.0, 0.3, z.shape)])
+    labels, studies = np.concatenate([labels, labels]), np.concatenate([studies, studies])
+    ref = studies != "study_3"
+    q = z[~ref]
+    approx = KNNLabelTransfer(workers=2, method="ivf").fit(z[ref], labels[ref], ref_batches=studies[ref])
+    assert approx.method.startswith("faiss IndexIVFFlat")
+    exact = KNNLabelTransfer.from_state(z[ref], labels[ref], approx.state(), workers=2, method="exact")
+    assert exact.method == KNNLabelTransfer.EXACT_METHOD
+    a, e = approx.predict(q), exact.predict(q)
+    assert (a.knn_prediction == e.knn_prediction).mean() >= 0.99
+    assert (a.prediction == e.prediction).mean() >= 0.99
+    _, ia = approx._ivf.search(q, approx.k)
+    _, ie = exact._tree.query(q, k=exact.k)
+    assert (ia[:, :, None] == ie[:, None, :]).any(axis=2).mean() >= 0.95
+    # repeatable: a second fit, and a rebuild from the state, give identical output
+    again = KNNLabelTransfer(workers=2, method="ivf").fit(z[ref], labels[ref], ref_batches=studies[ref])
+    rebuilt = KNNLabelTransfer.from_state(z[ref], labels[ref], approx.state(), workers=2, method="ivf")
+    for other in (again, rebuilt):
+        b = other.predict(q)
+        assert other.method == approx.method
+        assert np.array_equal(a.prediction, b.prediction)
+        assert np.array_equal(a.uncertainty, b.uncertainty)
+        assert np.array_equal(a.novelty_score, b.novelty_score)
+
+
+def test_auto_method_is_exact_for_small_references():
+    z, labels, _ = atlas(6, n_studies=1)
+    lt = KNNLabelTransfer(workers=1).fit(z, labels)
+    assert lt.method == KNNLabelTransfer.EXACT_METHOD and lt._ivf is None
+    with pytest.raises(InputDataError, match="method"):
+        KNNLabelTransfer(method="annoy")
+
+
+def test_k_is_capped_so_a_small_label_can_win_its_cells():
+    rng = np.random.default_rng(0)
+    big = rng.normal(0.0, 1.0, (400, 10))
+    small = rng.normal(0.0, 0.5, (20, 10)) + np.r_[5.0, np.zeros(9)]  # 20 cells, a tight type near the big one
+    ref = np.vstack([big, small])
+    labels = np.array(["big"] * 400 + ["small"] * 20)
+    query = rng.normal(0.0, 0.5, (50, 10)) + np.r_[5.0, np.zeros(9)]
+    capped = KNNLabelTransfer(workers=1).fit(ref, labels, k=50)
+    fixed = KNNLabelTransfer(workers=1).fit(ref, labels, k=50, cap_k=False)
+    assert capped.k == 20 and fixed.k == 50
+    right_capped = (capped.predict(query).knn_prediction == "small").mean()
+    right_fixed = (fixed.predict(query).knn_prediction == "small").mean()
+    assert right_capped > right_fixed and right_capped >= 0.8, (right_capped, right_fixed)

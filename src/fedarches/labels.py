@@ -65,29 +65,62 @@ Two tests decide whether a query cell gets a reference label or ``"Unknown"``.
 
 A cell is ``"Unknown"`` when EITHER the uncertainty or the novelty test says so.
 
-Nearest neighbours: ``scipy.spatial.cKDTree`` (exact, Euclidean, float64), queried
-in chunks in the spatial order of a k-d tree built on the query cells (neighbouring
-queries then walk the same tree nodes and stay in cache; at 1M reference cells this
-alone made queries 3x faster than random order). Measured on this project's 2-core
-machine (shared with other jobs, so upper bounds), k = 50, 10-d latent,
-20 clusters, 2 workers (``/tmp`` scripts, numbers reproduced in the report):
+Nearest neighbours (``method`` attribute after fit/from_state says which was used;
+the constructor option ``method="auto"|"exact"|"ivf"`` chooses):
 
-* 1M query x 1M reference, within-cluster spread decaying like a PCA spectrum
-  (sd 1.0 .. 0.1): tree build 0.5 s, query 86 s.
-* the same with a nearly isotropic 10-d spread (sd 0.3-1.0 in every dimension,
-  the worst case for any exact tree): about 600 s (100k queries in 58-63 s).
-* 100k x 100k, isotropic: 6 s. 1k x 1k: milliseconds.
-* the whole object, 1M x 1M (PCA-like spread, 20 labels, 4 studies, workers=2,
-  machine at load ~5): ``fit`` 94 s (with 200k calibration cells; the default is
-  now 100k), ``predict`` 288 s, of which the kNN query is ~80%; the target of one
-  minute for 1M x 1M is NOT met by an exact search on 2 cores.
+* exact: ``scipy.spatial.cKDTree`` (Euclidean, float64). The default below
+  ``APPROX_MIN_REFERENCE`` = 200,000 reference cells (1k-100k: milliseconds to
+  seconds). Queried in chunks in the spatial order of a k-d tree built on the query
+  cells (neighbouring queries walk the same tree nodes and stay in cache; at 1M
+  reference cells 3x faster than random order).
+* ivf: faiss ``IndexIVFFlat`` (approximate: float32 L2, exact within the probed
+  lists), the default at >= 200,000 reference cells. ~4 sqrt(n) coarse lists
+  (4,000 at 1M), k-means seeded (constructor ``seed``) on a seeded sample of 50 cells
+  per list, 10 iterations; ``nprobe`` is the smallest of 4, 6, 8, 10, ... whose
+  recall@k against the exact tree on 1,000 seeded reference cells reaches 0.96.
+  Deterministic for a fixed seed and thread count (``workers``), and rebuilt from the
+  reference latent by :meth:`KNNLabelTransfer.from_state` (never saved). Rows whose
+  probed lists hold fewer than k cells fall back to the exact tree. The exact tree is
+  always built too (0.5 s at 1M): it tunes nprobe and computes the novelty
+  calibration (k_novelty + 1 = 4 neighbours of <= 100k calibration cells, cheap for a
+  tree), so thresholds do not depend on the approximate index.
 
-Alternatives measured and rejected: pynndescent (approximate, build 48 s for 100k,
-query 7 s, recall 0.98), an IVF/GEMM blocked brute force in numpy (100k: 4.9 s at
-recall 1.0, but 1M: 163 s at recall 0.77), scikit-learn ``KDTree`` (single and dual
-tree, 2-5x slower than cKDTree). ``eps > 0`` passes through to cKDTree's
-``(1 + eps)``-approximate search for users who trade exactness for speed
-(eps=0.5: recall 0.986, 1.6x faster on isotropic data).
+Measured on this project's 2-core machine (shared with a CI and a benchmark run, load
+2.5-4, so upper bounds), k = 50, 10-d float32 latents, 20 Gaussian clusters, 4
+reference studies with small shifts, 1M query x 1M reference, workers=2
+(``/tmp/knn_bench/gen.py`` + ``bench.py``, reproduced in the report). Recall@50 vs
+exact on 2,000 query cells; agreement with the exact path on 20,000 query cells
+(same state, ``method="exact"``):
+
+* PCA-like within-cluster spread (sd 1.0 .. 0.1): ivf nprobe=10, ``fit`` 31 s,
+  ``predict`` 52 s, recall@50 0.974, kNN label agreement 99.99%, final prediction
+  (incl. Unknown) 99.995%, peak RSS 806 MiB. Exact path: 20k queries in 3.6 s
+  (~180 s for 1M, extrapolated).
+* nearly isotropic spread (sd 0.3-1.0 in every dimension, the worst case for any
+  exact tree): ivf nprobe=20, ``fit`` 35 s, ``predict`` 94 s, recall@50
+  0.978, agreement 100% (labels and Unknown calls), peak RSS 810 MiB. Exact path:
+  20k queries in 7.7 s (~600 s for 1M measured before).
+* the benchmark's own 1M latent (fedarches NB model, 6 labels, 3 studies,
+  ``benchmarks/work/full/scale/n1000000/fedarches-nb/latent.npz``): ivf nprobe=24,
+  ``fit`` 54 s, ``predict`` 98 s, recall@50 0.965, agreement 100%, peak RSS 816 MiB.
+  Exact path: 20k queries in 11.9 s (~600 s for 1M, extrapolated).
+* with the previous target recall of 0.97 (nprobe 12 / 24): predict 76 s / 113 s,
+  recall 0.986 / 0.988, agreement >= 99.99%.
+
+So the approximate index cuts 1M x 1M from ~6.5 min (exact; ``fit`` 94 s +
+``predict`` 288 s measured before) to 83 s (PCA-like) and 129 s (isotropic) end to
+end; the one-minute target for 1M x 1M is NOT met on this shared 2-core machine
+(``predict`` alone: 52 s / 94 s).
+
+Alternatives measured and rejected: faiss ``IndexHNSWFlat`` (M=32, efConstruction
+40: build 101 s at 1M on 2 threads, 100k queries 19 s at recall 0.99; its
+build time alone exceeds the budget), IVF with 16,384 lists (k-means 28 s; query
+up to ~40% faster at similar recall, noisy measurement), hnswlib 0.8.0 (sdist only on PyPI, needs a
+compiler), pynndescent (build 48 s for 100k, query 7 s, recall 0.98), an IVF/GEMM
+blocked brute force in numpy (1M: 163 s at recall 0.77), scikit-learn ``KDTree``
+(2-5x slower than cKDTree). ``eps > 0`` passes through to cKDTree's
+``(1 + eps)``-approximate search (exact method only; eps=0.5: recall 0.986, 1.6x
+faster on isotropic data); with ``method="auto"`` a nonzero eps keeps the tree.
 """
 
 from __future__ import annotations
@@ -117,6 +150,7 @@ KIND_SCALED = 1  # fewer: the label's median statistic x the pooled quantile of 
 KIND_GLOBAL = 2  # fewer than MIN_SCALE_CELLS: the quantile over all calibration cells
 KIND_EMPTY = 3  # no reference cell (only possible with explicit label_categories): global
 MIN_SCALE_CELLS = 5
+K_FLOOR = 10  # k is never capped below this (see fit)
 
 _LEAFSIZE = 64  # measured best of 8..256 for k=50 in 10-d
 _CHUNK = 65_536  # query cells per kNN call: bounds memory to ~60 MB per chunk at k=50
@@ -238,6 +272,88 @@ def _query(tree: cKDTree, points: np.ndarray, k: int, workers: int, eps: float) 
     return dist, idx
 
 
+# Approximate kNN (faiss IndexIVFFlat) above this many reference cells, with method="auto".
+APPROX_MIN_REFERENCE = 200_000
+_IVF_TARGET_RECALL = 0.96  # nprobe is raised until recall@k on a reference sample reaches this
+_IVF_TUNE_CELLS = 1000  # reference cells whose exact kNN tunes nprobe
+_IVF_MAX_NPROBE = 256
+
+
+def _nlist_for(n: int) -> int:
+    """Coarse cells of the IVF index: ~4 sqrt(n) (4,000 at 1M), at least 16, ~>= 40 cells per list."""
+    return int(min(n, max(16, min(4 * np.sqrt(n), n // 40))))
+
+
+class _IVFIndex:
+    """Approximate kNN: faiss ``IndexIVFFlat`` (exact float32 L2 inside the probed lists).
+
+    Deterministic for a fixed seed and thread count: the k-means of the coarse quantizer
+    is seeded and trained on a seeded sample, list order is insertion order, and
+    ``nprobe`` is the smallest step (4, 6, 8, ...) whose recall@k against the exact
+    tree on a seeded sample of reference cells reaches ``_IVF_TARGET_RECALL``. Never
+    saved: rebuilt from the reference latent (:meth:`KNNLabelTransfer.from_state`).
+    """
+
+    def __init__(self, latent: np.ndarray, tree: cKDTree, k: int, workers: int, seed: int) -> None:
+        import faiss  # optional at import time: only the approximate path needs it
+
+        self._faiss = faiss
+        self.workers = workers
+        n, dims = latent.shape
+        self._x = np.ascontiguousarray(latent, dtype=np.float32)
+        self.nlist = _nlist_for(n)
+        rng = np.random.default_rng(seed)
+        n_train = min(n, 50 * self.nlist)
+        train = self._x[np.sort(rng.choice(n, size=n_train, replace=False))] if n_train < n else self._x
+        self._quantizer = faiss.IndexFlatL2(dims)
+        index = faiss.IndexIVFFlat(self._quantizer, dims, self.nlist)
+        index.cp.seed = int(seed) & 0x7FFFFFFF
+        index.cp.niter = 10
+        with self._threads():
+            index.train(train)
+            index.add(self._x)
+        self._index = index
+        # tune nprobe on reference cells against the exact tree
+        tune = np.sort(rng.choice(n, size=min(n, _IVF_TUNE_CELLS), replace=False))
+        kk = min(k, n)
+        _, exact = tree.query(latent[tune], k=kk, workers=workers)
+        exact = np.asarray(exact).reshape(tune.size, kk)
+        self.nprobe = 1
+        self.recall = 0.0
+        for nprobe in (4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, _IVF_MAX_NPROBE):
+            self.nprobe = min(nprobe, self.nlist)
+            _, found = self.search(self._x[tune], kk)
+            hits = (found[:, :, None] == exact[:, None, :]).any(axis=2).sum()
+            self.recall = float(hits) / exact.size
+            if self.recall >= _IVF_TARGET_RECALL or self.nprobe >= self.nlist:
+                break
+
+    def _threads(self):
+        faiss = self._faiss
+        workers = self.workers
+
+        class _Ctx:
+            def __enter__(self_inner):
+                self_inner.old = faiss.omp_get_max_threads()
+                faiss.omp_set_num_threads(workers)
+
+            def __exit__(self_inner, *exc):
+                faiss.omp_set_num_threads(self_inner.old)
+
+        return _Ctx()
+
+    def search(self, points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared float32 distances are turned into float64 Euclidean distances."""
+        self._index.nprobe = self.nprobe
+        with self._threads():
+            d2, idx = self._index.search(np.ascontiguousarray(points, dtype=np.float32), k)
+        return np.sqrt(np.maximum(d2.astype(np.float64), 0.0)), idx.astype(np.int64)
+
+    def describe(self) -> str:
+        return (f"faiss IndexIVFFlat (approximate Euclidean kNN, nlist={self.nlist}, nprobe={self.nprobe}, "
+                f"recall@k {self.recall:.3f} on {_IVF_TUNE_CELLS} reference cells)")
+
+
 def knn_weights(distances: np.ndarray) -> np.ndarray:
     """Paper eqs. 17-20: normalised Gaussian-kernel weights of each row's k distances.
 
@@ -265,17 +381,27 @@ class KNNLabelTransfer:
         lt2 = KNNLabelTransfer.from_state(ref_latent, ref_codes, state,
                                           label_categories=lt.label_categories)
 
-    ``workers`` is only how many threads the kNN search uses (-1 = all cores); it
-    never changes a result and is not part of the state.
+    ``workers`` is only how many threads the kNN search uses (-1 = all cores) and is
+    not part of the state; with the exact tree it never changes a result, with the
+    IVF index results are repeatable for a fixed ``seed`` and ``workers``.
+    ``method``: "auto" (exact below ``APPROX_MIN_REFERENCE`` reference cells, faiss
+    IVF above), "exact" or "ivf"; after fitting, the ``method`` attribute names the
+    search used (see the module docstring).
     """
 
-    method = "scipy.spatial.cKDTree (exact Euclidean kNN)"
+    EXACT_METHOD = "scipy.spatial.cKDTree (exact Euclidean kNN)"
 
-    def __init__(self, *, workers: int = -1, eps: float = 0.0) -> None:
+    def __init__(self, *, workers: int = -1, eps: float = 0.0, method: str = "auto", seed: int = 0) -> None:
         self.workers = _resolve_workers(workers)
         if eps < 0:
             raise InputDataError(f"eps must be >= 0 (0 = exact kNN), got {eps}")
+        if method not in ("auto", "exact", "ivf"):
+            raise InputDataError(f"method must be 'auto', 'exact' or 'ivf', got {method!r}")
         self.eps = float(eps)
+        self.requested_method = method
+        self.index_seed = int(seed)
+        self.method = f"{method} (not fitted)"  # after fit/from_state: the neighbour search used
+        self._ivf: _IVFIndex | None = None
         self.label_categories: list[str] = []
         self.ref_codes = np.zeros(0, dtype=np.int64)
         self.k = 50
@@ -292,6 +418,37 @@ class KNNLabelTransfer:
         self._tree: cKDTree | None = None
         self._n_dims = 0
         self.gaussian = ClassGaussianNovelty()
+
+    def _build_index(self, latent: np.ndarray) -> None:
+        """The exact tree (always: calibration and small queries) and, when chosen, the IVF index."""
+        self._tree = cKDTree(latent, leafsize=_LEAFSIZE, balanced_tree=False, compact_nodes=False)
+        self._ivf = None
+        use_ivf = self.requested_method == "ivf" or (
+            self.requested_method == "auto" and latent.shape[0] >= APPROX_MIN_REFERENCE and self.eps == 0.0)
+        if use_ivf:
+            try:
+                self._ivf = _IVFIndex(latent, self._tree, max(self.k, self.k_novelty), self.workers, self.index_seed)
+            except ImportError:
+                if self.requested_method == "ivf":
+                    raise InputDataError("method='ivf' needs faiss: pip install faiss-cpu") from None
+                warnings.warn("faiss is not installed: label transfer uses the exact (slower) k-d tree",
+                              stacklevel=3)
+        self.method = self._ivf.describe() if self._ivf is not None else self.EXACT_METHOD
+
+    def _knn(self, points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest reference cells of ``points`` (one chunk) with the chosen method."""
+        assert self._tree is not None
+        if self._ivf is None:
+            d, i = self._tree.query(points, k=k, workers=self.workers, eps=self.eps)
+            return (np.asarray(d, dtype=np.float64).reshape(len(points), k),
+                    np.asarray(i, dtype=np.int64).reshape(len(points), k))
+        d, i = self._ivf.search(points, k)
+        short = np.flatnonzero((i < 0).any(axis=1))  # probed lists held fewer than k cells
+        if short.size:
+            de, ie = self._tree.query(points[short], k=k, workers=self.workers)
+            d[short] = np.asarray(de).reshape(short.size, k)
+            i[short] = np.asarray(ie).reshape(short.size, k)
+        return d, i
 
     # ------------------------------------------------------------------ fitting
 
@@ -310,6 +467,7 @@ class KNNLabelTransfer:
         max_calibration_cells: int = 100_000,
         max_groups: int = 10,
         seed: int = 0,
+        cap_k: bool = True,
     ) -> KNNLabelTransfer:
         """Index the reference and calibrate the novelty thresholds.
 
@@ -317,6 +475,10 @@ class KNNLabelTransfer:
         ``label_categories`` when that is given. Categories default to the sorted
         unique label strings. ``ref_batches``: study of each reference cell; enables
         the fair other-study calibration (see module docstring).
+
+        ``cap_k``: cap ``k`` at the cell count of the smallest reference label (not
+        below 10), so that every label can win a majority of a cell's neighbours;
+        ``False`` keeps the paper's fixed ``k``.
 
         ``k_novelty``: neighbours in the distance statistic. Fewer than ``k`` on
         purpose: the nearest few neighbours measure how far the cell is from the
@@ -347,13 +509,19 @@ class KNNLabelTransfer:
 
         self.label_categories = cats
         self.ref_codes = codes
-        self.k = int(min(int(k), n))
+        # A label with fewer reference cells than k can never hold a majority of a
+        # query cell's k neighbours, so its cells would all come out uncertain; cap k
+        # at the smallest label (never below K_FLOOR). CellBench's H838 has 32
+        # reference cells: k=50 leaves 24% of query H838 cells uncertain or wrong.
+        counts = np.bincount(codes)
+        smallest = int(counts[counts > 0].min())
+        self.k = int(min(int(k), n, max(K_FLOOR, smallest))) if cap_k else int(min(int(k), n))
         self.k_novelty = int(min(int(k_novelty), n - 1))
         self.fpr = float(fpr)
         self.uncertainty_threshold = float(uncertainty_threshold)
         self.min_label_cells = int(min_label_cells)
         self._n_dims = dims
-        self._tree = cKDTree(latent, leafsize=_LEAFSIZE, balanced_tree=False, compact_nodes=False)
+        self._build_index(latent)
 
         n_labels = len(cats)
         rng = np.random.default_rng(seed)
@@ -475,12 +643,10 @@ class KNNLabelTransfer:
         stat = np.empty(n, dtype=np.float64)
         probs = np.empty((n, n_labels), dtype=np.float32) if return_probabilities else None
         order = (cKDTree(q, leafsize=_LEAFSIZE, balanced_tree=False, compact_nodes=False).indices
-                 if n >= _ORDER_MIN else np.arange(n))
+                 if n >= _ORDER_MIN and self._ivf is None else np.arange(n))
         for start in range(0, n, _CHUNK):
             sel = order[start:start + _CHUNK]
-            d, i = self._tree.query(q[sel], k=kq, workers=self.workers, eps=self.eps)
-            d = np.asarray(d, dtype=np.float64).reshape(len(sel), kq)
-            i = np.asarray(i, dtype=np.int64).reshape(len(sel), kq)
+            d, i = self._knn(q[sel], kq)
             p = _label_probabilities(d[:, :self.k], self.ref_codes[i[:, :self.k]], n_labels)
             best = p.argmax(axis=1)
             code[sel] = best
@@ -555,8 +721,14 @@ class KNNLabelTransfer:
         label_categories: Sequence[str] | None = None,
         workers: int = -1,
         eps: float = 0.0,
+        method: str = "auto",
+        seed: int = 0,
+        cap_k: bool = True,
     ) -> KNNLabelTransfer:
         """Rebuild a fitted object without recalibrating (a site has no reference batches).
+
+        ``method`` / ``seed``: as in the constructor; the neighbour index is rebuilt
+        from ``ref_latent`` (it is never part of the state).
 
         ``ref_labels`` as in :meth:`fit`: label strings, or int codes together with
         ``label_categories``. Raises :class:`InputDataError` when the state is
@@ -571,7 +743,7 @@ class KNNLabelTransfer:
         if int(st["format"][0]) != STATE_FORMAT:
             raise InputDataError(f"label-transfer state format {int(st['format'][0])} is not supported "
                                  f"(expected {STATE_FORMAT})")
-        obj = cls(workers=workers, eps=eps)
+        obj = cls(workers=workers, eps=eps, method=method, seed=seed)
         latent = _as_latent(ref_latent, "reference latent")
         n, dims = latent.shape
         if n != int(st["n_reference"][0]) or dims != int(st["n_dims"][0]):
@@ -615,7 +787,7 @@ class KNNLabelTransfer:
             raise InputDataError(f"label-transfer state has class Gaussians of shape {obj.gaussian.means.shape}, "
                                  f"expected ({n_labels}, {dims})")
         obj._n_dims = dims
-        obj._tree = cKDTree(latent, leafsize=_LEAFSIZE, balanced_tree=False, compact_nodes=False)
+        obj._build_index(latent)
         return obj
 
 
