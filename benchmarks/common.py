@@ -52,23 +52,7 @@ def _default(o: Any) -> Any:
 
 
 class EpochClock:
-    """Collects wall-clock seconds of consecutive epochs (begin() / end())."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0: float | None = None
-
-    def begin(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def end(self) -> None:
-        if self._t0 is not None:
-            self.times.append(time.perf_counter() - self._t0)
-            self._t0 = None
-
-
-class StepClock:
-    """Wall-clock seconds of consecutive minibatch steps."""
+    """Collects wall-clock seconds of consecutive epochs or steps (begin() / end())."""
 
     def __init__(self) -> None:
         self.times: list[float] = []

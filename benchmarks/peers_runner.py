@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     EpochClock,
-    StepClock,
     peak_rss_bytes,
     per_epoch_summary,
     set_threads,
@@ -63,7 +62,7 @@ SCVI_ARCHES_PARAMS = {
 SCVI_QUERY_EPOCHS = 200
 
 
-def _scvi_callbacks(epochs: EpochClock, steps: StepClock | None = None):
+def _scvi_callbacks(epochs: EpochClock, steps: EpochClock | None = None):
     from lightning.pytorch.callbacks import Callback
 
     class Timer(Callback):
@@ -137,7 +136,7 @@ def run_scvi(a, ref, query, out: Path) -> dict:
     model = scvi.model.SCVI(ref, **SCVI_ARCHES_PARAMS)
     ref_params = sum(p.numel() for p in model.module.parameters())
     ref_trainable = sum(p.numel() for p in model.module.parameters() if p.requires_grad)
-    ref_clock, ref_steps = EpochClock(), StepClock()
+    ref_clock, ref_steps = EpochClock(), EpochClock()
     scale = a.task == "scale"
     ref_epochs = 1 if scale else a.ref_epochs  # None -> scvi's own default schedule
     ref_seconds = _scvi_train(model, ref_epochs, ref_clock, ref_steps if scale else None, a.steps if scale else None)
@@ -149,7 +148,7 @@ def run_scvi(a, ref, query, out: Path) -> dict:
     qmodel = scvi.model.SCVI.load_query_data(q, str(ref_dir), accelerator="cpu")
     before = _param_snapshot(qmodel.module)
     optim_params = sum(p.numel() for p in qmodel.module.parameters() if p.requires_grad)
-    q_clock, q_steps = EpochClock(), StepClock()
+    q_clock, q_steps = EpochClock(), EpochClock()
     q_epochs = 1 if scale else (a.query_epochs or SCVI_QUERY_EPOCHS)
     q_seconds = _scvi_train(
         qmodel, q_epochs, q_clock, q_steps if scale else None, a.steps if scale else None,
