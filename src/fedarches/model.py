@@ -84,20 +84,23 @@ def _prepare(adata: ad.AnnData, kind: ModelKind, genes: list[str] | None, condit
     x = get_matrix(adata, layer)
     check_values(x, require_integers=(kind == "nb"))
     var_names = adata.var_names.astype(str).tolist()
+    return _prepare_matrix(x, var_names, conditions, kind, genes), genes if genes is not None else var_names
+
+
+def _prepare_matrix(x: sp.csr_matrix, var_names: list[str], conditions: np.ndarray, kind: ModelKind,
+                    genes: list[str] | None) -> PreparedData:
+    """Columns lined up with ``genes`` and the normalisation the model needs (validated input)."""
     overlap = 1.0
     if genes is not None:
         x, overlap = align_genes(x, var_names, genes)
-    else:
-        genes = var_names
     library = np.asarray(x.sum(axis=1)).ravel().astype(np.float32)
     if kind == "trvae":
         # log-normalise over the model's genes, so reference and query share one scale
         scale = np.divide(TARGET_SUM, library, out=np.zeros_like(library), where=library > 0)
-        x = sp.diags(scale.astype(np.float32)) @ x
-        x = x.tocsr()
+        x = (sp.diags(scale.astype(np.float32)) @ x).tocsr()
         np.log1p(x.data, out=x.data)
-        return PreparedData(x=x.astype(np.float32), conditions=conditions, library=None, gene_overlap=overlap), genes
-    return PreparedData(x=x, conditions=conditions, library=np.maximum(library, 1.0), gene_overlap=overlap), genes
+        return PreparedData(x=x.astype(np.float32), conditions=conditions, library=None, gene_overlap=overlap)
+    return PreparedData(x=x, conditions=conditions, library=np.maximum(library, 1.0), gene_overlap=overlap)
 
 
 class FedArchesModel:
@@ -168,8 +171,9 @@ class FedArchesModel:
         labels = condition_labels(adata, label_key, what="label") if label_key else None
         x_full = get_matrix(adata, layer)
         check_values(x_full, require_integers=(kind == "nb"))
-        genes = select_genes(x_full, adata.var_names.astype(str).tolist(), conditions, n_genes)
-        data, genes = _prepare(adata, kind, genes, condition_key, layer)
+        var_names = adata.var_names.astype(str).tolist()
+        genes = select_genes(x_full, var_names, conditions, n_genes)
+        data = _prepare_matrix(x_full, var_names, conditions, kind, genes)
         names = _ordered_unique(adata.obs[condition_key], conditions)
         model_config = ModelConfig.paper_defaults(kind, len(genes))
         if config:
