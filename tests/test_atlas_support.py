@@ -52,8 +52,11 @@ def make_model_dir(path: Path, conditions=("s0", "s1"), kind: str = "trvae", see
 
 def condition_vectors(atlas: Atlas, names, seed: int = 1, version: int = 1) -> dict[str, torch.Tensor]:
     """Random new-condition vectors with the shapes the atlas version needs (what a site trains)."""
-    v = atlas.version(version)
-    cfg = v.model.config
+    return random_condition_vectors(atlas.version(version).model.config, names, seed)
+
+
+def random_condition_vectors(cfg, names, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ``<table>/<condition>`` vectors with the shapes ``cfg`` gives new conditions."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for n in names:

@@ -18,19 +18,9 @@ from fedarches.contribution import (
 )
 from fedarches.errors import ContributionError, VerificationError
 from fedarches.signing import generate_key
+from test_atlas_support import random_condition_vectors
 
 PARENT = "a" * 64
-
-
-def _tensors(cfg: ModelConfig, names, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for n in names:
-        out[f"encoder/{n}"] = torch.randn(cfg.encoder_width, generator=g)
-        out[f"decoder/{n}"] = torch.randn(cfg.decoder_width, generator=g)
-        if cfg.kind == "nb":
-            out[f"dispersion/{n}"] = torch.randn(cfg.n_genes, generator=g)
-    return out
 
 
 def _bundle(key, cfg, names=("q1",), **kw):
@@ -41,7 +31,7 @@ def _bundle(key, cfg, names=("q1",), **kw):
         parent=PARENT,
         parent_number=1,
         strategy="conditions",
-        tensors=_tensors(cfg, names),
+        tensors=random_condition_vectors(cfg, names),
         metrics={"epochs": 5, "accuracy": 0.93},
     )
     args.update(kw)
@@ -102,7 +92,7 @@ def test_unsigned_extra_tensor_and_shared_tensors_are_refused():
     key = generate_key()
     cfg = ModelConfig.paper_defaults("trvae", 50)
     with pytest.raises(ContributionError, match="strategy 'conditions'"):
-        _bundle(key, cfg, tensors={**_tensors(cfg, ["q"]), "shared/weights.safetensors/x": torch.ones(3)})
+        _bundle(key, cfg, tensors={**random_condition_vectors(cfg, ["q"]), "shared/weights.safetensors/x": torch.ones(3)})
 
     data = _bundle(key, cfg)
 

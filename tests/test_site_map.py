@@ -137,36 +137,17 @@ def world(tmp_path_factory, data):
         proc.kill()
 
 
+def _site_map_args(url: str, d, name: str, out, *extra: str, condition_key: str = "study") -> list[str]:
+    """`fedarches site map` for site ``name`` whose files are in ``d``."""
+    return ["site", "map", "--atlas", url, "--trust", str(d / "root.json"), "--key", str(d / "key"),
+            "--site", name, "--data", str(d / "query.h5ad"), "--condition-key", condition_key,
+            "--quiet", "--cache", str(d / "cache"), "--out", str(out), *extra]
+
+
 def _site_map(world, name, *extra):
     d = world["sites"][name]
-    return main(
-        [
-            "site",
-            "map",
-            "--atlas",
-            world["url"],
-            "--trust",
-            str(d / "root.json"),
-            "--key",
-            str(d / "key"),
-            "--site",
-            name,
-            "--data",
-            str(d / "query.h5ad"),
-            "--condition-key",
-            "study",
-            "--epochs",
-            str(QUERY_EPOCHS),
-            "--threads",
-            "1",
-            "--quiet",
-            "--cache",
-            str(d / "cache"),
-            "--out",
-            str(d / "out"),
-            *extra,
-        ]
-    )
+    return main(_site_map_args(world["url"], d, name, d / "out", "--epochs", str(QUERY_EPOCHS),
+                               "--threads", "1", *extra))
 
 
 @pytest.fixture(scope="module")
@@ -249,29 +230,7 @@ def test_merge_exactness_two_sites(mapped, data, tmp_path, capsys):
     # resubmitting is a no-op, and the site that mapped again after the merge has nothing new
     assert atlas.merge([a_bundle]).published == []
     assert (
-        main(
-            [
-                "site",
-                "map",
-                "--atlas",
-                mapped["url"],
-                "--trust",
-                str(d / "root.json"),
-                "--key",
-                str(d / "key"),
-                "--site",
-                "site-a",
-                "--data",
-                str(d / "query.h5ad"),
-                "--condition-key",
-                "study",
-                "--quiet",
-                "--cache",
-                str(d / "cache"),
-                "--out",
-                str(tmp_path / "again"),
-            ]
-        )
+        main(_site_map_args(mapped["url"], d, "site-a", tmp_path / "again"))
         == 2
     )
     assert "already in the model" in capsys.readouterr().err
@@ -280,27 +239,7 @@ def test_merge_exactness_two_sites(mapped, data, tmp_path, capsys):
 
 def test_failed_map_leaves_no_output(world, tmp_path, capsys):
     d = world["sites"]["site-b"]
-    args = [
-        "site",
-        "map",
-        "--atlas",
-        world["url"],
-        "--trust",
-        str(d / "root.json"),
-        "--key",
-        str(d / "key"),
-        "--site",
-        "site-b",
-        "--data",
-        str(d / "query.h5ad"),
-        "--condition-key",
-        "no_such_column",
-        "--quiet",
-        "--cache",
-        str(d / "cache"),
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    args = _site_map_args(world["url"], d, "site-b", tmp_path / "out", condition_key="no_such_column")
     assert main(args) == 2
     assert "no_such_column" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -311,37 +250,8 @@ def test_full_strategy_is_published_as_a_branch(world, data, tmp_path):
     d = world["sites"]["site-b"]
     out = tmp_path / "full"
     assert (
-        main(
-            [
-                "site",
-                "map",
-                "--atlas",
-                world["url"],
-                "--trust",
-                str(d / "root.json"),
-                "--key",
-                str(d / "key"),
-                "--site",
-                "site-b",
-                "--data",
-                str(d / "query.h5ad"),
-                "--condition-key",
-                "study",
-                "--strategy",
-                "full",
-                "--epochs",
-                "2",
-                "--version",
-                "1",
-                "--threads",
-                "1",
-                "--quiet",
-                "--cache",
-                str(d / "cache"),
-                "--out",
-                str(out),
-            ]
-        )
+        main(_site_map_args(world["url"], d, "site-b", out, "--strategy", "full", "--epochs", "2",
+                                  "--version", "1", "--threads", "1"))
         == 0
     )
     bundle = read_bundle(out / "contribution.safetensors")
