@@ -288,9 +288,14 @@ def test_approximate_index_agrees_with_exact_and_is_repeatable():
     a, e = approx.predict(q), exact.predict(q)
     assert (a.knn_prediction == e.knn_prediction).mean() >= 0.99
     assert (a.prediction == e.prediction).mean() >= 0.99
+    # nprobe is tuned on what label transfer reads: labels (above), the k_novelty nearest
+    # (the distance statistic) and, more loosely, recall@k (the label weights)
     _, ia = approx._ivf.search(q, approx.k)
     _, ie = exact._tree.query(q, k=exact.k)
-    assert (ia[:, :, None] == ie[:, None, :]).any(axis=2).mean() >= 0.95
+    assert (ia[:, :, None] == ie[:, None, :]).any(axis=2).mean() >= 0.85
+    kn = approx.k_novelty
+    assert (ia[:, :kn, None] == ie[:, None, :kn]).any(axis=2).mean() >= 0.95
+    assert approx._ivf.label_agreement >= 0.995 and approx._ivf.recall_novelty >= 0.95
     # repeatable: a second fit, and a rebuild from the state, give identical output
     again = KNNLabelTransfer(workers=2, method="ivf").fit(z[ref], labels[ref], ref_batches=studies[ref])
     rebuilt = KNNLabelTransfer.from_state(z[ref], labels[ref], approx.state(), workers=2, method="ivf")

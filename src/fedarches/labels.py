@@ -76,51 +76,41 @@ the constructor option ``method="auto"|"exact"|"ivf"`` chooses):
 * ivf: faiss ``IndexIVFFlat`` (approximate: float32 L2, exact within the probed
   lists), the default at >= 200,000 reference cells. ~4 sqrt(n) coarse lists
   (4,000 at 1M), k-means seeded (constructor ``seed``) on a seeded sample of 50 cells
-  per list, 10 iterations; ``nprobe`` is the smallest of 4, 6, 8, 10, ... whose
-  recall@k against the exact tree on 1,000 seeded reference cells reaches 0.96.
-  Deterministic for a fixed seed and thread count (``workers``), and rebuilt from the
-  reference latent by :meth:`KNNLabelTransfer.from_state` (never saved). Rows whose
-  probed lists hold fewer than k cells fall back to the exact tree. The exact tree is
-  always built too (0.5 s at 1M): it tunes nprobe and computes the novelty
-  calibration (k_novelty + 1 = 4 neighbours of <= 100k calibration cells, cheap for a
-  tree), so thresholds do not depend on the approximate index.
+  per list, 10 iterations. ``nprobe`` is the smallest of 4, 6, 8, 10, ... at which,
+  on 1,000 seeded reference cells searched leave-one-out against the exact tree, the
+  kNN label agrees on >= 99.5% of cells, recall of the ``k_novelty`` nearest is
+  >= 0.95 and recall@k >= 0.85: tuned on what label transfer reads from the
+  neighbours rather than on recall@k alone (the outer neighbours carry the smallest
+  weights and, in a labelled cluster, the same label as the ones found).
+  The novelty calibration uses the same index (one IVF per study group sharing the
+  trained coarse quantizer for the other-study search), so a statistic and its
+  threshold carry the same approximation. Deterministic for a fixed seed and thread
+  count (``workers``), and rebuilt from the reference latent by
+  :meth:`KNNLabelTransfer.from_state` (never saved). Rows whose probed lists hold
+  fewer than k cells fall back to the exact tree, which is always built (0.5 s at 1M)
+  to tune nprobe.
 
-Measured on this project's 2-core machine (shared with a CI and a benchmark run, load
-2.5-4, so upper bounds), k = 50, 10-d float32 latents, 20 Gaussian clusters, 4
-reference studies with small shifts, 1M query x 1M reference, workers=2
-(``/tmp/knn_bench/gen.py`` + ``bench.py``, reproduced in the report). Recall@50 vs
-exact on 2,000 query cells; agreement with the exact path on 20,000 query cells
-(same state, ``method="exact"``):
-
-* PCA-like within-cluster spread (sd 1.0 .. 0.1): ivf nprobe=10, ``fit`` 31 s,
-  ``predict`` 52 s, recall@50 0.974, kNN label agreement 99.99%, final prediction
-  (incl. Unknown) 99.995%, peak RSS 806 MiB. Exact path: 20k queries in 3.6 s
-  (~180 s for 1M, extrapolated).
-* nearly isotropic spread (sd 0.3-1.0 in every dimension, the worst case for any
-  exact tree): ivf nprobe=20, ``fit`` 35 s, ``predict`` 94 s, recall@50
-  0.978, agreement 100% (labels and Unknown calls), peak RSS 810 MiB. Exact path:
-  20k queries in 7.7 s (~600 s for 1M measured before).
-* the benchmark's own 1M latent (fedarches NB model, 6 labels, 3 studies,
-  ``benchmarks/work/full/scale/n1000000/fedarches-nb/latent.npz``): ivf nprobe=24,
-  ``fit`` 54 s, ``predict`` 98 s, recall@50 0.965, agreement 100%, peak RSS 816 MiB.
-  Exact path: 20k queries in 11.9 s (~600 s for 1M, extrapolated).
-* with the previous target recall of 0.97 (nprobe 12 / 24): predict 76 s / 113 s,
-  recall 0.986 / 0.988, agreement >= 99.99%.
-
-So the approximate index cuts 1M x 1M from ~6.5 min (exact; ``fit`` 94 s +
-``predict`` 288 s measured before) to 83 s (PCA-like) and 129 s (isotropic) end to
-end; the one-minute target for 1M x 1M is NOT met on this shared 2-core machine
-(``predict`` alone: 52 s / 94 s).
+Measured, 1M query x 1M reference, the benchmark's own NB latent (10-d, 6 labels,
+3 studies: ``benchmarks/work/full/scale/n1000000/fedarches-nb/latent.npz``),
+workers=2, quiet 2-core machine: nprobe 12, ``fit`` 11.2 s + ``predict`` 30.4 s =
+41.6 s, peak RSS 812 MiB. Against the exact path with the same state on 20,000
+sampled query cells: kNN label and final prediction (incl. Unknown) agree on 100%,
+novel fraction 0.38% in both, largest uncertainty difference 0.02. Before (recall@k
+>= 0.96 target, nprobe 24, exact k-d-tree calibration; 28 s of the fit were the
+cross-study tree queries): ``fit`` 32 s + ``predict`` 50 s; the exact k-d tree alone:
+529 s. Per 100k queries on that latent (nlist 4,000): nprobe 12 3.0 s, 16 3.6 s, 24
+4.4 s, 32 6.0 s; recall@50 0.87 / 0.92 / 0.97 / 0.98, kNN labels identical to exact
+at every nprobe >= 6.
 
 Alternatives measured and rejected: faiss ``IndexHNSWFlat`` (M=32, efConstruction
-40: build 101 s at 1M on 2 threads, 100k queries 19 s at recall 0.99; its
-build time alone exceeds the budget), IVF with 16,384 lists (k-means 28 s; query
-up to ~40% faster at similar recall, noisy measurement), hnswlib 0.8.0 (sdist only on PyPI, needs a
-compiler), pynndescent (build 48 s for 100k, query 7 s, recall 0.98), an IVF/GEMM
-blocked brute force in numpy (1M: 163 s at recall 0.77), scikit-learn ``KDTree``
-(2-5x slower than cKDTree). ``eps > 0`` passes through to cKDTree's
-``(1 + eps)``-approximate search (exact method only; eps=0.5: recall 0.986, 1.6x
-faster on isotropic data); with ``method="auto"`` a nonzero eps keeps the tree.
+40: build 101 s at 1M on 2 threads), IVF with 8,000 or 16,000 lists (k-means 5-10 s;
+no faster at matched recall), an HNSW coarse quantizer (adding 1M cells took
+11-20 s), ``IndexIVFPQFastScan`` + exact re-ranking (no faster: the probed lists, not
+the distance arithmetic, bound the search), hnswlib 0.8.0 (sdist only on PyPI, needs
+a compiler), pynndescent (build 48 s for 100k), an IVF/GEMM blocked brute force in
+numpy (1M: 163 s at recall 0.77), scikit-learn ``KDTree`` (2-5x slower than
+cKDTree). ``eps > 0`` passes through to cKDTree's ``(1 + eps)``-approximate search
+(exact method only); with ``method="auto"`` a nonzero eps keeps the tree.
 """
 
 from __future__ import annotations
@@ -274,9 +264,13 @@ def _query(tree: cKDTree, points: np.ndarray, k: int, workers: int, eps: float) 
 
 # Approximate kNN (faiss IndexIVFFlat) above this many reference cells, with method="auto".
 APPROX_MIN_REFERENCE = 200_000
-_IVF_TARGET_RECALL = 0.96  # nprobe is raised until recall@k on a reference sample reaches this
+# nprobe is the smallest step at which, on reference cells searched leave-one-out, all three hold:
+_IVF_MIN_LABEL_AGREEMENT = 0.995  # the kNN label (eq. 21 argmax) equals the exact search's
+_IVF_MIN_RECALL_NOVELTY = 0.95  # recall of the k_novelty nearest (the distance statistic's neighbours)
+_IVF_MIN_RECALL_K = 0.85  # recall@k (the neighbours the label weights come from)
 _IVF_TUNE_CELLS = 1000  # reference cells whose exact kNN tunes nprobe
 _IVF_MAX_NPROBE = 256
+_NPROBE_STEPS = (4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, _IVF_MAX_NPROBE)
 
 
 def _nlist_for(n: int) -> int:
@@ -289,12 +283,13 @@ class _IVFIndex:
 
     Deterministic for a fixed seed and thread count: the k-means of the coarse quantizer
     is seeded and trained on a seeded sample, list order is insertion order, and
-    ``nprobe`` is the smallest step (4, 6, 8, ...) whose recall@k against the exact
-    tree on a seeded sample of reference cells reaches ``_IVF_TARGET_RECALL``. Never
-    saved: rebuilt from the reference latent (:meth:`KNNLabelTransfer.from_state`).
+    ``nprobe`` is tuned on a seeded sample of reference cells (see
+    :meth:`_tune`). Never saved: rebuilt from the reference latent
+    (:meth:`KNNLabelTransfer.from_state`).
     """
 
-    def __init__(self, latent: np.ndarray, tree: cKDTree, k: int, workers: int, seed: int) -> None:
+    def __init__(self, latent: np.ndarray, tree: cKDTree, codes: np.ndarray, n_labels: int, k: int,
+                 k_novelty: int, workers: int, seed: int) -> None:
         import faiss  # optional at import time: only the approximate path needs it
 
         self._faiss = faiss
@@ -313,19 +308,45 @@ class _IVFIndex:
             index.train(train)
             index.add(self._x)
         self._index = index
-        # tune nprobe on reference cells against the exact tree
-        tune = np.sort(rng.choice(n, size=min(n, _IVF_TUNE_CELLS), replace=False))
-        kk = min(k, n)
-        _, exact = tree.query(latent[tune], k=kk, workers=workers)
-        exact = np.asarray(exact).reshape(tune.size, kk)
         self.nprobe = 1
-        self.recall = 0.0
-        for nprobe in (4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, _IVF_MAX_NPROBE):
+        self.recall = self.recall_novelty = self.label_agreement = 0.0
+        self._tune(latent, tree, codes, n_labels, k, k_novelty, rng)
+
+    def _tune(self, latent: np.ndarray, tree: cKDTree, codes: np.ndarray, n_labels: int, k: int,
+              k_novelty: int, rng: np.random.Generator) -> None:
+        """Smallest nprobe whose output agrees with the exact search where it matters.
+
+        Judged on what label transfer reads from the neighbours, not on recall alone:
+        the kNN label, the k_novelty nearest (the novelty statistic) and recall@k (the
+        label weights). Reference cells are searched leave-one-out (k + 1 neighbours,
+        the cell itself dropped) so that they face what a query cell faces; with
+        itself counted, a reference cell would score one free hit out of k_novelty.
+        Measured on the 1M benchmark latent (query cells, 5,000 sampled): recall@50
+        0.87 and recall@3 0.96 at nprobe 12 give the exact kNN label and uncertainty
+        for every sampled cell; the last 4% of recall@50 (nprobe 24) cost 1.5x the time.
+        """
+        n = latent.shape[0]
+        tune = np.sort(rng.choice(n, size=min(n, _IVF_TUNE_CELLS), replace=False))
+        kk = min(k, n - 1)
+        kn = min(k_novelty, kk)
+        de, ie = tree.query(latent[tune], k=kk + 1, workers=self.workers)
+        de, ie = _drop_self(np.asarray(de).reshape(tune.size, kk + 1), np.asarray(ie).reshape(tune.size, kk + 1), tune)
+        exact_label = _label_probabilities(de, codes[ie], n_labels).argmax(axis=1)
+        for nprobe in _NPROBE_STEPS:
             self.nprobe = min(nprobe, self.nlist)
-            _, found = self.search(self._x[tune], kk)
-            hits = (found[:, :, None] == exact[:, None, :]).any(axis=2).sum()
-            self.recall = float(hits) / exact.size
-            if self.recall >= _IVF_TARGET_RECALL or self.nprobe >= self.nlist:
+            d, i = self.search(self._x[tune], kk + 1)
+            d, i = _drop_self(d, i, tune)
+            valid = i >= 0
+            self.recall = float(((i[:, :, None] == ie[:, None, :]) & valid[:, :, None]).any(axis=2).mean())
+            self.recall_novelty = float(((i[:, :kn, None] == ie[:, None, :kn])
+                                         & valid[:, :kn, None]).any(axis=2).mean())
+            full = valid.all(axis=1)
+            label = np.full(tune.size, -1, dtype=np.int64)
+            if full.any():
+                label[full] = _label_probabilities(d[full], codes[i[full]], n_labels).argmax(axis=1)
+            self.label_agreement = float((label == exact_label).mean())
+            if (self.label_agreement >= _IVF_MIN_LABEL_AGREEMENT and self.recall_novelty >= _IVF_MIN_RECALL_NOVELTY
+                    and self.recall >= _IVF_MIN_RECALL_K) or self.nprobe >= self.nlist:
                 break
 
     def _threads(self):
@@ -342,16 +363,44 @@ class _IVFIndex:
 
         return _Ctx()
 
-    def search(self, points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Squared float32 distances are turned into float64 Euclidean distances."""
-        self._index.nprobe = self.nprobe
+    def search(self, points: np.ndarray, k: int, index: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Squared float32 distances are turned into float64 Euclidean distances; -1 ids
+        mark rows whose probed lists held fewer than k cells."""
+        index = self._index if index is None else index
+        index.nprobe = self.nprobe
         with self._threads():
-            d2, idx = self._index.search(np.ascontiguousarray(points, dtype=np.float32), k)
+            d2, idx = index.search(np.ascontiguousarray(points, dtype=np.float32), k)
         return np.sqrt(np.maximum(d2.astype(np.float64), 0.0)), idx.astype(np.int64)
 
+    def subset(self, rows: np.ndarray) -> Any:
+        """An IVF index over ``rows`` of the reference that shares this one's trained coarse
+        quantizer (no second k-means); ids are positions in ``rows``. The cross-study
+        calibration searches one per study group."""
+        faiss = self._faiss
+        sub = faiss.IndexIVFFlat(self._quantizer, self._x.shape[1], self.nlist)
+        sub.is_trained = True
+        with self._threads():
+            sub.add(self._x[rows])
+        return sub
+
     def describe(self) -> str:
-        return (f"faiss IndexIVFFlat (approximate Euclidean kNN, nlist={self.nlist}, nprobe={self.nprobe}, "
-                f"recall@k {self.recall:.3f} on {_IVF_TUNE_CELLS} reference cells)")
+        return (f"faiss IndexIVFFlat (approximate Euclidean kNN, nlist={self.nlist}, nprobe={self.nprobe}; "
+                f"on {_IVF_TUNE_CELLS} reference cells left out: recall@k {self.recall:.3f}, recall of the "
+                f"novelty neighbours {self.recall_novelty:.3f}, kNN label agreement {self.label_agreement:.3f})")
+
+
+def _drop_self(d: np.ndarray, i: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """k + 1 neighbours of reference cells -> k neighbours without the cell itself.
+
+    The cell is removed where it was found; where it was not (an exact duplicate took
+    its place, or the approximate search missed it), the last neighbour goes instead.
+    """
+    n, k1 = i.shape
+    is_self = i == rows[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k1 - 1)
+    keep = np.ones((n, k1), dtype=bool)
+    keep[np.arange(n), drop] = False
+    return d[keep].reshape(n, k1 - 1), i[keep].reshape(n, k1 - 1)
 
 
 def knn_weights(distances: np.ndarray) -> np.ndarray:
@@ -427,7 +476,8 @@ class KNNLabelTransfer:
             self.requested_method == "auto" and latent.shape[0] >= APPROX_MIN_REFERENCE and self.eps == 0.0)
         if use_ivf:
             try:
-                self._ivf = _IVFIndex(latent, self._tree, max(self.k, self.k_novelty), self.workers, self.index_seed)
+                self._ivf = _IVFIndex(latent, self._tree, self.ref_codes, len(self.label_categories), self.k,
+                                      self.k_novelty, self.workers, self.index_seed)
             except ImportError:
                 if self.requested_method == "ivf":
                     raise InputDataError("method='ivf' needs faiss: pip install faiss-cpu") from None
@@ -449,6 +499,33 @@ class KNNLabelTransfer:
             d[short] = np.asarray(de).reshape(short.size, k)
             i[short] = np.asarray(ie).reshape(short.size, k)
         return d, i
+
+    def _neighbour_distances(self, latent: np.ndarray, points: np.ndarray, k: int, *,
+                             self_rows: np.ndarray | None = None, subset: np.ndarray | None = None) -> np.ndarray:
+        """Distances from ``points`` to their k nearest reference cells, for calibration.
+
+        ``self_rows``: the points are these reference cells; k includes the cell itself,
+        which is dropped (k - 1 columns come back). ``subset``: search only these
+        reference cells (other studies). Uses the IVF index when one is built; rows whose
+        probed lists held too few cells are searched exactly.
+        """
+        assert self._tree is not None
+        if self._ivf is None:
+            tree = self._tree if subset is None else cKDTree(latent[subset], leafsize=_LEAFSIZE,
+                                                             balanced_tree=False, compact_nodes=False)
+            d, _ = _query(tree, points, k, self.workers, self.eps)
+            return d[:, 1:] if self_rows is not None else d
+        d, i = self._ivf.search(points, k, None if subset is None else self._ivf.subset(subset))
+        short = np.flatnonzero((i < 0).any(axis=1))
+        if short.size:
+            tree = self._tree if subset is None else cKDTree(latent[subset], leafsize=_LEAFSIZE,
+                                                             balanced_tree=False, compact_nodes=False)
+            de, ie = tree.query(points[short], k=k, workers=self.workers)
+            d[short] = np.asarray(de).reshape(short.size, k)
+            i[short] = np.asarray(ie).reshape(short.size, k)
+        if self_rows is not None:
+            d, _ = _drop_self(d, i, self_rows)
+        return d
 
     # ------------------------------------------------------------------ fitting
 
@@ -541,11 +618,11 @@ class KNNLabelTransfer:
         assert self._tree is not None
         kn = self.k_novelty
         mode = np.full(n_labels, MODE_LEAVE_ONE_OUT, dtype=np.int64)
+        # Calibration uses the same neighbour search as predict (the IVF index when one
+        # is built), so a statistic and its threshold carry the same approximation error.
         # k+1 neighbours of a reference cell include the cell itself at distance 0 (or
-        # an exact duplicate at the same distance); dropping the first column is exact
-        # either way.
-        d, _ = _query(self._tree, latent[cal], kn + 1, self.workers, self.eps)
-        loo_stats = d[:, 1:].mean(axis=1)
+        # an exact duplicate at the same distance); dropping it is exact either way.
+        loo_stats = self._neighbour_distances(latent, latent[cal], kn + 1, self_rows=cal).mean(axis=1)
         stats = loo_stats.copy()
         if ref_batches is None:
             return stats, loo_stats, mode
@@ -567,8 +644,7 @@ class KNNLabelTransfer:
             if members.size == 0:
                 continue
             others = np.flatnonzero(groups != g)
-            tree = cKDTree(latent[others], leafsize=_LEAFSIZE, balanced_tree=False, compact_nodes=False)
-            d, _ = _query(tree, latent[cal[members]], min(kn, others.size), self.workers, self.eps)
+            d = self._neighbour_distances(latent, latent[cal[members]], min(kn, others.size), subset=others)
             stats[members] = d.mean(axis=1)
         return stats, loo_stats, mode
 
@@ -642,8 +718,10 @@ class KNNLabelTransfer:
         unc = np.empty(n, dtype=np.float32)
         stat = np.empty(n, dtype=np.float64)
         probs = np.empty((n, n_labels), dtype=np.float32) if return_probabilities else None
+        # Spatially ordered chunks: neighbouring queries walk the same tree nodes (exact)
+        # or probe the same inverted lists (IVF: ~12% faster at 1M) while in cache.
         order = (cKDTree(q, leafsize=_LEAFSIZE, balanced_tree=False, compact_nodes=False).indices
-                 if n >= _ORDER_MIN and self._ivf is None else np.arange(n))
+                 if n >= _ORDER_MIN else np.arange(n))
         for start in range(0, n, _CHUNK):
             sel = order[start:start + _CHUNK]
             d, i = self._knn(q[sel], kq)
