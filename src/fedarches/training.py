@@ -135,8 +135,12 @@ def _mean_loss(module: CVAE, source: BatchSource, rows: np.ndarray, batch_size: 
     was_training = module.training
     module.eval()
     total, n = 0.0, 0
+    # The MMD is pairwise: its cost is quadratic in the batch size and its estimate
+    # depends on it, so an MMD model is validated at the training batch size (the same
+    # objective it is trained on); without MMD, larger batches are just faster.
+    size = batch_size if module.config.mmd_weight > 0 else max(batch_size, 1024)
     with torch.no_grad():
-        for b in minibatch_indices(rows, max(batch_size, 1024), None):
+        for b in minibatch_indices(rows, size, None):
             parts = module.loss(kl_weight=kl_weight, **source.loss_kwargs(b))  # type: ignore[arg-type]
             total += float(parts.total) * len(b)
             n += len(b)
