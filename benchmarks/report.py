@@ -23,7 +23,17 @@ QUERY_OPTIMISATIONS = [
       "with ||x - b||^2 and W^T (x - b) per cell and W^T W precomputed once"),
      "yes", "no (NB likelihood is not quadratic in the decoder output)",
      "exact up to float rounding; needs a frozen output layer, which `conditions` guarantees"),
+    (("Multi-scale RBF MMD (trVAE's 19 bandwidths): one kernel evaluation per unordered pair of cells, "
+      "kernel derivative reduced in the same pass, arguments below log(smallest normal float) floored "
+      "(avoids denormal results, each a slow CPU microcode assist); validation at the training batch size"),
+     "yes (reference and query)", "no MMD",
+     "terms below e^-79 are changed by < 1e-34 each; otherwise exact up to float rounding"),
 ]
+
+
+FED_TOOLS = ("fedarches-nb", "fedarches-trvae", "fedarches-trvae-w128")
+# fedarches models at scvi-tools SCVI's widths ([128,128], z=10): the query and reference targets
+SAME_WIDTH = {"fedarches-nb": "NB CVAE [128,128]", "fedarches-trvae-w128": "trVAE [128,128]"}
 
 
 def _get(d: Any, *path, default=None):
@@ -90,7 +100,7 @@ def summarise(res: dict) -> dict:
     s: dict[str, Any] = {"query_speedup": [], "reference_speedup": [], "quality_vs_scvi": [], "targets": {}}
     for split, sr in (res.get("splits") or {}).items():
         t = sr["tools"]
-        for fed in ("fedarches-nb", "fedarches-trvae"):
+        for fed in FED_TOOLS:
             for peer in ("scvi-tools", "scarches-trvae"):
                 if fed in t and peer in t:
                     s["query_speedup"].append({
@@ -104,7 +114,7 @@ def summarise(res: dict) -> dict:
                         "ratio": _ratio(_get(t[peer], "reference", "seconds_per_epoch_median"),
                                         _get(t[fed], "reference", "seconds_per_epoch_median")),
                     })
-        for fed in ("fedarches-nb", "fedarches-trvae"):
+        for fed in FED_TOOLS:
             if fed in t and "scvi-tools" in t:
                 f_lt = _get(t[fed], "quality", "label_transfer")
                 p_lt = _get(t["scvi-tools"], "quality", "label_transfer")
@@ -125,7 +135,7 @@ def summarise(res: dict) -> dict:
         t = sc["tools"]
         if "scvi-tools" not in t:
             continue
-        for fed in ("fedarches-nb", "fedarches-trvae"):
+        for fed in FED_TOOLS:
             if fed in t:
                 s["query_speedup"].append({
                     "where": f"generated {int(n):,} cells", "fedarches": fed, "peer": "scvi-tools",
@@ -139,39 +149,53 @@ def summarise(res: dict) -> dict:
                                     _get(t[fed], "reference", "seconds_per_epoch_median")),
                 })
 
-    # --- targets (same widths: fedarches NB CVAE [128,128] vs SCVI n_layers=2, n_hidden=128)
-    def same_width(rows, where_prefix=None):
-        return [r for r in rows if r["fedarches"] == "fedarches-nb" and r["peer"] == "scvi-tools"
+    # --- targets (same widths: fedarches NB CVAE and trVAE at [128,128] vs SCVI n_layers=2, n_hidden=128)
+    def same_width(rows, fed, where_prefix=None):
+        return [r for r in rows if r["fedarches"] == fed and r["peer"] == "scvi-tools"
                 and r["ratio"] is not None and (where_prefix is None or r["where"].startswith(where_prefix))]
 
-    q_rows = same_width(s["query_speedup"], "generated") or same_width(s["query_speedup"])
-    if q_rows:
+    per_model = {}
+    for fed in SAME_WIDTH:
+        q_rows = same_width(s["query_speedup"], fed)
+        if not q_rows:
+            continue
         worst = min(q_rows, key=lambda r: r["ratio"])
-        qual = [r for r in s["quality_vs_scvi"] if r["fedarches"] == "fedarches-nb"]
+        qual = [r for r in s["quality_vs_scvi"] if r["fedarches"] == fed]
         qual_ok = all(r["own rules"]["at_least_as_good"] for r in qual) if qual else None
-        s["targets"]["query_10x"] = {
+        per_model[fed] = {
             "quality": qual,
-            "target": ">= 10x faster per query epoch than scvi-tools surgery, same widths and genes; "
-                      "accuracy and held-out detection at least as good",
             "measured_min_ratio": worst["ratio"], "at": worst["where"],
             "all": [(r["where"], r["ratio"]) for r in q_rows],
             "speed_met": worst["ratio"] >= 10,
             "quality_met": qual_ok,
             "met": bool(worst["ratio"] >= 10 and (qual_ok is not False)),
         }
+    if per_model:
+        s["targets"]["query_10x"] = {
+            "target": ">= 10x faster per query epoch than scvi-tools surgery, same widths and genes; "
+                      "accuracy and held-out detection at least as good",
+            "models": per_model,
+            "met_by": [f for f, m in per_model.items() if m["met"]],
+            "met": any(m["met"] for m in per_model.values()),
+        }
     t_rows = [r for r in s["query_speedup"] if r["fedarches"] == "fedarches-trvae" and r["peer"] == "scvi-tools"
               and r["ratio"] is not None]
     if t_rows:
         s["targets"]["query_10x_trvae"] = {"all": [(r["where"], r["ratio"]) for r in t_rows],
                                            "min": min(r["ratio"] for r in t_rows)}
-    r_rows = same_width(s["reference_speedup"], "generated") or same_width(s["reference_speedup"])
-    if r_rows:
-        worst = min(r_rows, key=lambda r: r["ratio"])
+    per_model = {}
+    for fed in SAME_WIDTH:
+        r_rows = same_width(s["reference_speedup"], fed)
+        if r_rows:
+            worst = min(r_rows, key=lambda r: r["ratio"])
+            per_model[fed] = {"measured_min_ratio": worst["ratio"], "at": worst["where"],
+                              "all": [(r["where"], r["ratio"]) for r in r_rows], "met": worst["ratio"] >= 1.5}
+    if per_model:
         s["targets"]["reference_1_5x"] = {
             "target": ">= 1.5x faster per reference epoch than scvi-tools SCVI at the same widths",
-            "measured_min_ratio": worst["ratio"], "at": worst["where"],
-            "all": [(r["where"], r["ratio"]) for r in r_rows],
-            "met": worst["ratio"] >= 1.5,
+            "models": per_model,
+            "met_by": [f for f, m in per_model.items() if m["met"]],
+            "met": any(m["met"] for m in per_model.values()),
         }
     scale = dict(_scale_items(res))
     big = str(max((int(k) for k in scale), default=0)) if scale else None
@@ -286,18 +310,20 @@ def write_markdown(res: dict, path: Path) -> None:
     add("|---|---|---|")
     tq = s["targets"].get("query_10x")
     if tq:
-        detail = "; ".join(f"{w}: {_x(r)}" for w, r in tq["all"])
-        r = tq["measured_min_ratio"]
-        short = f" (speed short by {10 / r:.1f}x)" if r and r < 10 else ""
-        add(f"| query mapping >= 10x faster per epoch than scvi-tools surgery (fedarches NB CVAE vs SCVI, both "
-            f"[128,128], same genes), quality at least as good | worst {_x(r)} ({tq['at']}); {detail}; "
-            f"quality at least as good on every split: {_fmt(tq['quality_met'])} | {_verdict(tq)}{short} |")
-        for q in tq.get("quality", []):
-            own = q["own rules"]
-            add(f"| ... quality on `{q['split']}` (fedarches NB with its novelty test vs scvi-tools with kNN "
-                f"uncertainty) | accuracy {_pct(own['fedarches_accuracy'])} vs {_pct(own['scvi_accuracy'])}; "
-                f"held-out called unknown {_pct(own['fedarches_heldout_unknown'])} vs "
-                f"{_pct(own['scvi_heldout_unknown'])} | {'at least as good' if own['at_least_as_good'] else 'WORSE'} |")
+        for fed, m in tq["models"].items():
+            detail = "; ".join(f"{w}: {_x(r)}" for w, r in m["all"])
+            r = m["measured_min_ratio"]
+            short = f" (speed short by {10 / r:.1f}x at worst)" if r and r < 10 else ""
+            add(f"| query mapping >= 10x faster per epoch than scvi-tools surgery, quality at least as good: "
+                f"fedarches {SAME_WIDTH[fed]} vs SCVI [128,128], same genes | worst {_x(r)} ({m['at']}); {detail}; "
+                f"quality at least as good on every split: {_fmt(m['quality_met'])} | {_verdict(m)}{short} |")
+            for q in m.get("quality", []):
+                own = q["own rules"]
+                add(f"| ... quality on `{q['split']}` ({fed} with its novelty test vs scvi-tools with kNN "
+                    f"uncertainty) | accuracy {_pct(own['fedarches_accuracy'])} vs {_pct(own['scvi_accuracy'])}; "
+                    f"held-out called unknown {_pct(own['fedarches_heldout_unknown'])} vs "
+                    f"{_pct(own['scvi_heldout_unknown'])} | "
+                    f"{'at least as good' if own['at_least_as_good'] else 'WORSE'} |")
     else:
         add("| query mapping >= 10x | n/a | not measured in this run |")
     tt = s["targets"].get("query_10x_trvae")
@@ -305,14 +331,14 @@ def write_markdown(res: dict, path: Path) -> None:
         detail = "; ".join(f"{w}: {_x(r)}" for w, r in tt["all"])
         worst = _x(tt["min"])
         verdict = ">= 10x everywhere" if tt["min"] >= 10 else f">= 10x only where listed at or above 10x (worst {worst})"
-        add(f"| (for information) the same query ratio for fedarches trVAE [128,20] vs SCVI [128,128] — not the same "
-            f"widths, but the model where all three query optimisations apply | {detail} | "
-            f"{verdict} |")
+        add(f"| (for information) the same query ratio for the paper's trVAE [128,20] vs SCVI [128,128] (not the "
+            f"same widths: SCVI has one width for all hidden layers) | {detail} | {verdict} |")
     tr = s["targets"].get("reference_1_5x")
     if tr:
-        detail = "; ".join(f"{w}: {_x(r)}" for w, r in tr["all"])
-        add(f"| reference training >= 1.5x faster per epoch than scvi-tools SCVI, same widths | worst "
-            f"{_x(tr['measured_min_ratio'])} ({tr['at']}); {detail} | {_verdict(tr)} |")
+        for fed, m in tr["models"].items():
+            detail = "; ".join(f"{w}: {_x(r)}" for w, r in m["all"])
+            add(f"| reference training >= 1.5x faster per epoch than scvi-tools SCVI, same widths: fedarches "
+                f"{SAME_WIDTH[fed]} | worst {_x(m['measured_min_ratio'])} ({m['at']}); {detail} | {_verdict(m)} |")
     else:
         add("| reference training >= 1.5x | n/a | not measured in this run |")
     tm = s["targets"].get("million_reference_memory")
@@ -487,7 +513,8 @@ def write_markdown(res: dict, path: Path) -> None:
         "architecture to match fedarches' trVAE layer for layer: MSE on log1p(CP10k), [128, 20], z=10, MMD on "
         "the first decoder layer.")
     add("- fedarches: paper Table 1 defaults, its own schedule (epochs from the number of cells, early stopping "
-        "patience 20), strategy `conditions`.")
+        "patience 20), strategy `conditions`. fedarches-trvae-w128 is the same trVAE with hidden layers "
+        "[128,128] (SCVI's widths), for the same-widths comparison.")
     add("- Quality is computed identically for every tool from its latent of reference and query cells "
         "(query model): fedarches.labels.KNNLabelTransfer (k=50) and fedarches.metrics on reference + query. "
         "Two unknown rules are reported for every tool: the paper's kNN uncertainty alone (> 0.5), and "

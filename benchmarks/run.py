@@ -64,10 +64,20 @@ MODES: dict[str, dict[str, Any]] = {
     },
 }
 
-QUALITY_TOOLS = ["fedarches-nb", "fedarches-trvae", "scvi-tools", "scarches-trvae"]
+QUALITY_TOOLS = ["fedarches-nb", "fedarches-trvae", "fedarches-trvae-w128", "scvi-tools", "scarches-trvae"]
+# fed_runner.py arguments per fedarches tool. fedarches-trvae-w128 is the trVAE at SCVI's
+# widths ([128,128], z=10): the same-widths comparison for the model where the
+# hidden-dimension MSE applies (the paper's trVAE is [128,20], which SCVI cannot express).
+FED_ARGS = {
+    "fedarches-nb": ["--kind", "nb"],
+    "fedarches-trvae": ["--kind", "trvae"],
+    "fedarches-trvae-w128": ["--kind", "trvae", "--hidden", "128,128"],
+}
+SCALE_TOOLS = ("fedarches-nb", "fedarches-trvae", "fedarches-trvae-w128", "scvi-tools")
 TOOL_LABEL = {
     "fedarches-nb": "fedarches NB CVAE [128,128]",
     "fedarches-trvae": "fedarches trVAE [128,20]",
+    "fedarches-trvae-w128": "fedarches trVAE [128,128]",
     "scvi-tools": "scvi-tools SCVI [128,128]",
     "scarches-trvae": "scarches TRVAE [128,20]",
 }
@@ -235,8 +245,7 @@ def run_splits(mode: dict, runner: Runner, work: Path, py: str, threads: int, ch
                 shutil.rmtree(td)
             td.mkdir(parents=True)
             if tool.startswith("fedarches"):
-                kind = tool.split("-")[1]
-                argv = [py, str(HERE / "fed_runner.py"), "quality", "--kind", kind, "--out", str(td), *common]
+                argv = [py, str(HERE / "fed_runner.py"), "quality", *FED_ARGS[tool], "--out", str(td), *common]
             else:
                 peer = "scvi" if tool == "scvi-tools" else "trvae"
                 argv = [str(PEERS_PY), str(HERE / "peers_runner.py"), "quality", "--tool", peer, "--out", str(td),
@@ -268,12 +277,11 @@ def run_scale(mode: dict, runner: Runner, work: Path, py: str, threads: int, che
         meta["generate"] = gen
         res: dict[str, Any] = {"data": meta, "tools": {}}
         common = ["--ref", str(d / "ref.h5ad"), "--query", str(d / "query.h5ad"), "--threads", str(threads)]
-        for tool in ("fedarches-nb", "fedarches-trvae", "scvi-tools"):
+        for tool in SCALE_TOOLS:
             td = d / tool
             td.mkdir(exist_ok=True)
             if tool.startswith("fedarches"):
-                argv = [py, str(HERE / "fed_runner.py"), "scale", "--kind", tool.split("-")[1], "--out", str(td),
-                        *common]
+                argv = [py, str(HERE / "fed_runner.py"), "scale", *FED_ARGS[tool], "--out", str(td), *common]
             else:
                 steps = mode["scvi_scale_steps"].get(n)
                 argv = [str(PEERS_PY), str(HERE / "peers_runner.py"), "scale", "--tool", "scvi", "--out", str(td),

@@ -67,3 +67,26 @@ def test_mmd_gradient_equals_pairwise_definition():
     assert torch.allclose(a, b, rtol=1e-5)
     a.backward(), b.backward()
     assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_nb_likelihood_from_csr_nonzeros_equals_dense_search():
+    """The CSR-derived nonzero positions (training's path) give the same likelihood and gradient."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from fedarches.data.batches import count_rows, lgamma_counts_per_row
+
+    rng = np.random.default_rng(0)
+    counts = sp.random(40, 300, density=0.15, format="csr", random_state=1, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 20).astype(np.float32)
+    counts[3, 5] = 0.0  # an explicitly stored zero contributes nothing either way
+    rows = rng.permutation(40)[:17]
+    x, nz = count_rows(counts, rows, lgamma_counts_per_row(counts))
+    assert torch.equal(x, torch.from_numpy(counts[rows].toarray()))
+    mu = torch.rand(17, 300) * 3 + 0.01
+    lt1 = torch.randn(17, 300, requires_grad=True)
+    lt2 = lt1.detach().clone().requires_grad_(True)
+    a, b = nb_log_likelihood(x, mu, lt1, nonzeros=nz), nb_log_likelihood(x, mu, lt2)
+    assert torch.allclose(a, b, rtol=1e-6)
+    a.backward(), b.backward()
+    assert torch.allclose(lt1.grad, lt2.grad, rtol=1e-5, atol=1e-6)

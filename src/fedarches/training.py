@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from fedarches.config import TrainConfig
-from fedarches.data.batches import chunked_rows, dense_rows, minibatch_indices
+from fedarches.data.batches import chunked_rows, count_rows, dense_rows, lgamma_counts_per_row, minibatch_indices
 from fedarches.models.cvae import CVAE, MSETerms
 
 
@@ -51,16 +51,18 @@ class MatrixSource:
 
     def __post_init__(self) -> None:
         self.n_cells = self.x.shape[0]
+        self.lgamma_x1 = lgamma_counts_per_row(self.x) if self.library is not None else None
 
     def loss_kwargs(self, rows: np.ndarray) -> dict[str, object]:
-        x = dense_rows(self.x, rows)
-        kw: dict[str, object] = {
-            "condition": torch.from_numpy(self.condition[rows]),
-            "x_in": self.module.encoder_input(x),
-            "target": x,
-        }
+        kw: dict[str, object] = {"condition": torch.from_numpy(self.condition[rows])}
         if self.library is not None:
+            assert self.lgamma_x1 is not None
+            x, kw["nonzeros"] = count_rows(self.x, rows, self.lgamma_x1)
             kw["library"] = torch.from_numpy(self.library[rows])
+        else:
+            x = dense_rows(self.x, rows)
+        kw["x_in"] = self.module.encoder_input(x)
+        kw["target"] = x
         return kw
 
 
@@ -81,6 +83,7 @@ class ProjectedSource:
 
     def __post_init__(self) -> None:
         self.n_cells = self.x.shape[0]
+        self.lgamma_x1 = lgamma_counts_per_row(self.x) if self.library is not None else None
         m = self.module
         h0 = m.config.hidden[0]
         self.projection = torch.empty(self.n_cells, h0)
@@ -105,10 +108,12 @@ class ProjectedSource:
         }
         if self.use_mse_terms:
             kw["mse"] = MSETerms(c0=self.c0[idx], v=self.v[idx], gram=self.gram)
+        elif self.library is not None:
+            assert self.lgamma_x1 is not None
+            kw["target"], kw["nonzeros"] = count_rows(self.x, rows, self.lgamma_x1)
+            kw["library"] = torch.from_numpy(self.library[rows])
         else:
             kw["target"] = dense_rows(self.x, rows)
-            if self.library is not None:
-                kw["library"] = torch.from_numpy(self.library[rows])
         return kw
 
 

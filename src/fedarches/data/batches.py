@@ -8,11 +8,32 @@ from collections.abc import Iterator
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.special import gammaln
+
+from fedarches.models.losses import Nonzeros
 
 
 def dense_rows(x: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
     """Rows of ``x`` as a dense float32 tensor, without densifying anything else."""
     return torch.from_numpy(x[rows].toarray().astype(np.float32, copy=False))
+
+
+def lgamma_counts_per_row(x: sp.csr_matrix) -> np.ndarray:
+    """Per row: sum of lgamma(x + 1) over its stored counts (a constant of the data that
+    the NB likelihood needs every step; computed once, in float64)."""
+    vals = gammaln(np.asarray(x.data, dtype=np.float64) + 1.0)
+    return np.add.reduceat(np.append(vals, 0.0), x.indptr[:-1]) * (np.diff(x.indptr) > 0)
+
+
+def count_rows(x: sp.csr_matrix, rows: np.ndarray, lgamma_x1: np.ndarray) -> tuple[torch.Tensor, Nonzeros]:
+    """Dense rows (as :func:`dense_rows`) plus where they are nonzero, from the CSR structure."""
+    sub = x[rows]
+    dense = torch.from_numpy(sub.toarray().astype(np.float32, copy=False))
+    row_of = np.repeat(np.arange(len(rows), dtype=np.int64), np.diff(sub.indptr))
+    flat = row_of * x.shape[1] + sub.indices.astype(np.int64)
+    nz = Nonzeros(flat=torch.from_numpy(flat), values=torch.from_numpy(sub.data.astype(np.float32, copy=False)),
+                  lgamma_x1=torch.tensor(float(lgamma_x1[rows].sum()), dtype=torch.float32))
+    return dense, nz
 
 
 def minibatch_indices(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:

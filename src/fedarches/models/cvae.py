@@ -24,7 +24,7 @@ from torch import nn
 
 from fedarches.config import ModelConfig, Strategy
 from fedarches.models.conditions import ConditionTable
-from fedarches.models.losses import kl_normal, mmd_between_conditions, nb_log_likelihood
+from fedarches.models.losses import Nonzeros, kl_normal, mmd_between_conditions, nb_log_likelihood
 
 CONDITION_TABLE_PREFIXES = ("enc_cond.", "dec_cond.", "dispersion.")
 
@@ -180,6 +180,7 @@ class CVAE(nn.Module):
         target: torch.Tensor | None = None,
         library: torch.Tensor | None = None,
         mse: MSETerms | None = None,
+        nonzeros: Nonzeros | None = None,
     ) -> LossParts:
         """Training loss for a minibatch.
 
@@ -201,7 +202,7 @@ class CVAE(nn.Module):
             assert target is not None and library is not None
             scale = F.softmax(self.out(hidden), dim=-1)
             rate = library.unsqueeze(-1) * scale
-            recon = -nb_log_likelihood(target, rate, self.dispersion(condition)) / target.shape[0]
+            recon = -nb_log_likelihood(target, rate, self.dispersion(condition), nonzeros=nonzeros) / target.shape[0]
         kl = kl_normal(mu, logvar).mean()
         mmd = mmd_between_conditions(first, condition) if c.mmd_weight > 0 else recon.new_zeros(())
         total = c.recon_weight * recon + kl_weight * kl + c.mmd_weight * mmd
