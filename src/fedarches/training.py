@@ -180,7 +180,10 @@ def train(
     n_val = int(round(n * cfg.validation_fraction)) if n >= 50 else 0
     val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
     warmup = 0 if query else (cfg.kl_warmup_epochs if cfg.kl_warmup_epochs is not None else max(1, epochs // 3))
-    optim = torch.optim.Adam(params, lr=cfg.lr, eps=0.01, weight_decay=0.0 if query else cfg.weight_decay)
+    # fused: one kernel per step for all parameters instead of ~10 small ops per tensor
+    # (a query step trains two or three small tensors and is dispatch-bound: 0.22 -> 0.09 ms)
+    optim = torch.optim.Adam(params, lr=cfg.lr, eps=0.01, weight_decay=0.0 if query else cfg.weight_decay,
+                             fused=True)
     history = TrainHistory()
     best = math.inf
     best_state = [p.detach().clone() for p in params]
@@ -205,7 +208,7 @@ def train(
                 optim.zero_grad(set_to_none=True)
                 parts.total.backward()
                 if c.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
                 optim.step()
                 running += float(parts.total.detach()) * len(rows)
                 seen += len(rows)
