@@ -381,11 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="splits,scale", help="comma list: splits, scale")
     p.add_argument("--work", default=None, help="scratch directory (default benchmarks/work/<mode>)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per subprocess")
-    p.add_argument("--results", default=str(HERE / "results.json"))
-    p.add_argument("--markdown", default=str(HERE / "RESULTS.md"))
+    # quick runs are smoke tests: they never overwrite the committed full results
+    p.add_argument("--results", default=None, help="default: benchmarks/results.json (full), "
+                   "benchmarks/work/quick/results.json (quick)")
+    p.add_argument("--markdown", default=None, help="default: benchmarks/RESULTS.md (full), "
+                   "benchmarks/work/quick/RESULTS.md (quick)")
     p.add_argument("--render-only", action="store_true",
                    help="re-render RESULTS.md (and the summary) from an existing results.json; measures nothing")
     a = p.parse_args(argv)
+    out_dir = HERE if a.mode == "full" else WORK / a.mode
+    a.results = a.results or str(out_dir / "results.json")
+    a.markdown = a.markdown or str(out_dir / "RESULTS.md")
     if a.render_only:
         from report import summarise, write_markdown
 
