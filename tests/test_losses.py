@@ -74,7 +74,7 @@ def test_nb_likelihood_from_csr_nonzeros_equals_dense_search():
     import numpy as np
     import scipy.sparse as sp
 
-    from fedarches.data.batches import count_rows, lgamma_counts_per_row
+    from fedarches.data.batches import canonical_csr, count_rows, lgamma_counts_per_row
 
     rng = np.random.default_rng(0)
     counts = sp.random(40, 300, density=0.15, format="csr", random_state=1, dtype=np.float32)
@@ -90,3 +90,12 @@ def test_nb_likelihood_from_csr_nonzeros_equals_dense_search():
     assert torch.allclose(a, b, rtol=1e-6)
     a.backward(), b.backward()
     assert torch.allclose(lt1.grad, lt2.grad, rtol=1e-5, atol=1e-6)
+
+    # a CSR with a duplicated entry (legal in scipy; toarray sums it) is canonicalised first
+    dup = sp.csr_matrix((np.array([2.0, 3.0], dtype=np.float32), np.array([4, 4]), np.array([0, 2])), shape=(1, 300))
+    assert not dup.has_canonical_format
+    fixed = canonical_csr(dup)
+    xd, nzd = count_rows(fixed, np.array([0]), lgamma_counts_per_row(fixed))
+    assert nzd.values.tolist() == [5.0] and xd[0, 4] == 5.0 and dup.data.tolist() == [2.0, 3.0]
+    lt = torch.randn(1, 300)
+    assert torch.allclose(nb_log_likelihood(xd, mu[:1], lt, nonzeros=nzd), nb_log_likelihood(xd, mu[:1], lt))

@@ -24,7 +24,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from fedarches.config import TrainConfig
-from fedarches.data.batches import chunked_rows, count_rows, dense_rows, lgamma_counts_per_row, minibatch_indices
+from fedarches.data.batches import (
+    canonical_csr,
+    chunked_rows,
+    count_rows,
+    dense_rows,
+    lgamma_counts_per_row,
+    minibatch_indices,
+)
 from fedarches.models.cvae import CVAE, MSETerms
 
 
@@ -51,6 +58,8 @@ class MatrixSource:
 
     def __post_init__(self) -> None:
         self.n_cells = self.x.shape[0]
+        if self.library is not None:
+            self.x = canonical_csr(self.x)
         self.lgamma_x1 = lgamma_counts_per_row(self.x) if self.library is not None else None
 
     def loss_kwargs(self, rows: np.ndarray) -> dict[str, object]:
@@ -83,6 +92,8 @@ class ProjectedSource:
 
     def __post_init__(self) -> None:
         self.n_cells = self.x.shape[0]
+        if self.library is not None:
+            self.x = canonical_csr(self.x)
         self.lgamma_x1 = lgamma_counts_per_row(self.x) if self.library is not None else None
         m = self.module
         h0 = m.config.hidden[0]

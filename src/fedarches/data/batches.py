@@ -18,6 +18,19 @@ def dense_rows(x: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x[rows].toarray().astype(np.float32, copy=False))
 
 
+def canonical_csr(x: sp.csr_matrix) -> sp.csr_matrix:
+    """``x`` with sorted, unique column indices per row (a copy only when needed).
+
+    The NB likelihood reads counts straight from the stored entries (:func:`count_rows`);
+    a duplicated entry would split one count in two there, while ``toarray`` sums it.
+    """
+    if x.has_canonical_format:
+        return x
+    x = x.copy()
+    x.sum_duplicates()
+    return x
+
+
 def lgamma_counts_per_row(x: sp.csr_matrix) -> np.ndarray:
     """Per row: sum of lgamma(x + 1) over its stored counts (a constant of the data that
     the NB likelihood needs every step; computed once, in float64)."""
@@ -26,7 +39,8 @@ def lgamma_counts_per_row(x: sp.csr_matrix) -> np.ndarray:
 
 
 def count_rows(x: sp.csr_matrix, rows: np.ndarray, lgamma_x1: np.ndarray) -> tuple[torch.Tensor, Nonzeros]:
-    """Dense rows (as :func:`dense_rows`) plus where they are nonzero, from the CSR structure."""
+    """Dense rows (as :func:`dense_rows`) plus where they are nonzero, from the CSR structure
+    (``x`` in canonical format: see :func:`canonical_csr`)."""
     sub = x[rows]
     dense = torch.from_numpy(sub.toarray().astype(np.float32, copy=False))
     row_of = np.repeat(np.arange(len(rows), dtype=np.int64), np.diff(sub.indptr))

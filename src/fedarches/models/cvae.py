@@ -185,7 +185,8 @@ class CVAE(nn.Module):
         """Training loss for a minibatch.
 
         ``projection`` replaces ``x_in`` when the first encoder layer is frozen;
-        ``mse`` replaces ``target`` for trVAE when the output layer is frozen.
+        ``mse`` replaces ``target`` for trVAE when the output layer is frozen;
+        ``nonzeros`` (NB) locates the nonzero counts of ``target`` from its CSR rows.
         """
         c = self.config
         mu, logvar = self.encode(condition, x_in=x_in, projection=projection)
