@@ -49,7 +49,8 @@ def test_nb_likelihood_sparse_form_equals_dense_formula():
 
 
 def test_mmd_gradient_equals_pairwise_definition():
-    """The fused kernel derivative and the underflow skipping change nothing autograd would see."""
+    """The fused kernel derivative and the floored exp arguments change nothing autograd would see
+    (at these distances nearly every pair's narrow-scale arguments are floored)."""
     torch.manual_seed(2)
     h = (torch.randn(64, 20, dtype=torch.float64) * 3.0).requires_grad_(True)
     h2 = h.detach().clone().requires_grad_(True)
@@ -57,7 +58,7 @@ def test_mmd_gradient_equals_pairwise_definition():
     mmd_between_conditions(h, c).backward()
     _pairwise_mmd(h2, c).backward()
     assert torch.allclose(h.grad, h2.grad, rtol=1e-6, atol=1e-12)
-    # float32, with near-duplicate cells (the narrow scales are live for them only)
+    # float32, with near-duplicate cells (the only pairs whose narrow-scale terms are not floored)
     x = torch.randn(50, 20)
     x[1] = x[0] + 1e-4
     x = x.requires_grad_(True)
@@ -80,6 +81,7 @@ def test_nb_likelihood_from_csr_nonzeros_equals_dense_search():
     counts = sp.random(40, 300, density=0.15, format="csr", random_state=1, dtype=np.float32)
     counts.data = np.ceil(counts.data * 20).astype(np.float32)
     counts[3, 5] = 0.0  # an explicitly stored zero contributes nothing either way
+    assert (counts.data == 0).sum() == 1
     rows = rng.permutation(40)[:17]
     x, nz = count_rows(counts, rows, lgamma_counts_per_row(counts))
     assert torch.equal(x, torch.from_numpy(counts[rows].toarray()))
@@ -99,3 +101,14 @@ def test_nb_likelihood_from_csr_nonzeros_equals_dense_search():
     assert nzd.values.tolist() == [5.0] and xd[0, 4] == 5.0 and dup.data.tolist() == [2.0, 3.0]
     lt = torch.randn(1, 300)
     assert torch.allclose(nb_log_likelihood(xd, mu[:1], lt, nonzeros=nzd), nb_log_likelihood(xd, mu[:1], lt))
+    # ... and both training sources do so before reading counts from the stored entries
+    from fedarches.config import ModelConfig
+    from fedarches.models.cvae import CVAE
+    from fedarches.training import MatrixSource, ProjectedSource
+
+    module = CVAE(ModelConfig.paper_defaults("nb", 300), ["a"])
+    one = np.array([0])
+    for source in (MatrixSource(module, dup, one, np.ones(1, dtype=np.float32)),
+                   ProjectedSource(module, dup, one, np.ones(1, dtype=np.float32), use_mse_terms=False)):
+        got = source.loss_kwargs(one)["nonzeros"]
+        assert got.values.tolist() == [5.0] and torch.allclose(got.lgamma_x1, nzd.lgamma_x1)
