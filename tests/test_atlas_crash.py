@@ -20,7 +20,7 @@ from fedarches.cli import main
 from fedarches.client import AtlasClient
 from fedarches.server import Atlas
 from fedarches.server.repository import CHECKPOINTS, PAUSE_ENV, TMP_PREFIX
-from fedarches.server.versions import read_atlas_version
+from fedarches.format.version import read_atlas_version
 from test_atlas_support import CLI, Served, bundle_for, enrolled_key, new_atlas
 
 

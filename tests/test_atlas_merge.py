@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fedarches.cli import main
-from fedarches.contribution import create_bundle
+from fedarches.format.bundle import create_bundle
 from fedarches.errors import ContributionError, VerificationError
 from fedarches.server import Atlas
-from fedarches.signing import generate_key, keygen
+from fedarches.format.signing import generate_key, keygen
 from test_atlas_support import bundle_for, enrolled_key, new_atlas, tree_digest
 
 

@@ -25,8 +25,8 @@ from fedarches.cli import main
 from fedarches.client import AtlasClient
 from fedarches.errors import ModelFileError, VerificationError
 from fedarches.server import Atlas, ExpiryPolicy
-from fedarches.server.versions import read_atlas_version
-from fedarches.storage import load_model_dir
+from fedarches.format.version import read_atlas_version
+from fedarches.format.model_dir import load_model_dir
 from test_atlas_support import Served, bundle_for, enrolled_key, free_port, mirror, new_atlas, tree_digest
 
 

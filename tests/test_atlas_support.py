@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from fedarches.config import ModelConfig, TrainConfig
-from fedarches.contribution import create_bundle
+from fedarches.format.bundle import create_bundle
 from fedarches.models.cvae import CVAE
 from fedarches.server import Atlas, make_server
-from fedarches.signing import PrivateKey, generate_key
-from fedarches.storage import CONDITIONS, WEIGHTS, ModelManifest, save_model_dir
+from fedarches.format.signing import PrivateKey, generate_key
+from fedarches.format.model_dir import CONDITIONS, ModelManifest, WEIGHTS, save_model_dir
 
 N_GENES = 20
 CLI = [sys.executable, "-c", "import sys; from fedarches.cli import main; sys.exit(main(sys.argv[1:]))"]

@@ -9,15 +9,10 @@ import pytest
 import torch
 
 from fedarches.config import ModelConfig
-from fedarches.contribution import (
-    META_MANIFEST,
-    audit_bundle,
-    create_bundle,
-    read_bundle,
-    sanitize_metrics,
-)
+from fedarches.format.bundle import META_MANIFEST, audit_bundle, create_bundle, read_bundle
+from fedarches.format.metrics import sanitize_metrics
 from fedarches.errors import ContributionError, VerificationError
-from fedarches.signing import generate_key
+from fedarches.format.signing import generate_key
 from test_atlas_support import random_condition_vectors
 
 PARENT = "a" * 64

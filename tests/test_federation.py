@@ -29,7 +29,7 @@ def world(tmp_path_factory):
 
     from fedarches.data.simulate import simulate
     from fedarches.server import Atlas
-    from fedarches.signing import keygen
+    from fedarches.format.signing import keygen
 
     base = tmp_path_factory.mktemp("federation-world")
     adata = simulate(n_cells=1200, n_genes=120, n_cell_types=3, n_studies=6, seed=11)
@@ -77,7 +77,7 @@ def _conditions(entry) -> dict[str, str]:
 @pytest.mark.flower
 def test_deployment_round_with_tls_and_supernode_auth(world, tmp_path):
     from fedarches.federation.app_dir import write_app_dir
-    from fedarches.federation.local import ManagedProcess, flower_bin, flower_env, free_port, start_deployment
+    from fedarches.testing.flower import ManagedProcess, flower_bin, flower_env, free_port, start_deployment
 
     atlas = _copy_atlas(world, tmp_path / "atlas")
     sites = [_site(world, n, tmp_path) for n in ("site-a", "site-b")]
@@ -133,7 +133,7 @@ def test_simulation_rounds_survive_a_failing_site(world, tmp_path):
     (its condition key is not a column) and the coordinator carries on. Round 2: site-a
     adds its second study, site-b has nothing new. Two rounds, two new versions."""
     from fedarches.federation.app_dir import write_app_dir
-    from fedarches.federation.local import start_simulation
+    from fedarches.testing.flower import start_simulation
     from fedarches.federation.protocol import write_sim_sites
 
     atlas = _copy_atlas(world, tmp_path / "atlas")

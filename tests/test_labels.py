@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from fedarches.errors import InputDataError
-from fedarches.labels import (
+from fedarches.labels.transfer import (
     KIND_OWN_QUANTILE,
     KIND_SCALED,
     MODE_CROSS_STUDY,

@@ -9,15 +9,7 @@ import stat
 import pytest
 
 from fedarches.errors import VerificationError
-from fedarches.signing import (
-    generate_key,
-    keygen,
-    load_private_key,
-    load_public_key,
-    load_site_key,
-    sign_canonical,
-    verify_canonical,
-)
+from fedarches.format.signing import generate_key, keygen, load_private_key, load_public_key, load_site_key, sign_canonical, verify_canonical
 
 
 def test_keygen_writes_private_0600_and_public_key(tmp_path):

@@ -21,11 +21,11 @@ import pytest
 import scipy.sparse as sp
 
 from fedarches.cli import main
-from fedarches.contribution import audit_bundle, read_bundle
+from fedarches.format.bundle import audit_bundle, read_bundle
 from fedarches.model import LATENT_KEY, FedArchesModel
 from fedarches.server import Atlas
-from fedarches.server.versions import read_atlas_version
-from fedarches.signing import keygen
+from fedarches.format.version import read_atlas_version
+from fedarches.format.signing import keygen
 from test_atlas_support import CLI, free_port
 
 EPOCHS = 8

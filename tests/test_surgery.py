@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedarches.model import LATENT_KEY, FedArchesModel
-from fedarches.storage import tensor_sha256
+from fedarches.format.canonical import tensor_sha256
 
 
 def _hashes(model: FedArchesModel) -> dict[str, str]:

@@ -27,14 +27,7 @@ from fedarches.data.validation import check_gene_names, check_shape, check_value
 from fedarches.errors import FedarchesError, InputDataError, ModelFileError
 from fedarches.labels import KNNLabelTransfer, LabelTransferResult
 from fedarches.models.cvae import CVAE
-from fedarches.storage import (
-    CONDITIONS,
-    REFERENCE,
-    WEIGHTS,
-    ModelManifest,
-    load_model_dir,
-    save_model_dir,
-)
+from fedarches.format.model_dir import CONDITIONS, ModelManifest, REFERENCE, WEIGHTS, load_model_dir, save_model_dir
 from fedarches.training import MatrixSource, ProjectedSource, TrainHistory, copy_module
 from fedarches.training import train as train_loop
 

@@ -189,7 +189,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from fedarches.contribution import audit_bundle
+    from fedarches.format.bundle import audit_bundle
 
     report = audit_bundle(args.bundle)
     report.pop("manifest", None)

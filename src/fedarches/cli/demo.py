@@ -308,10 +308,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from fedarches.federation.app_dir import write_app_dir
-    from fedarches.federation.local import start_deployment, start_simulation
+    from fedarches.testing.flower import start_deployment, start_simulation
     from fedarches.federation.protocol import SiteConfig, write_sim_sites
     from fedarches.server import Atlas, make_server
-    from fedarches.signing import keygen
+    from fedarches.format.signing import keygen
 
     if args.sites < 1 or args.rounds < 1:
         raise InputDataError("--sites and --rounds must be at least 1")

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from fedarches.signing import keygen
+    from fedarches.format.signing import keygen
 
     k = keygen(args.out)
     print(f"private key (keep it here, mode 0600): {k.private}")

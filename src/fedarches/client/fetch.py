@@ -33,16 +33,7 @@ from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
 from fedarches.errors import VerificationError
-from fedarches.server.versions import (
-    LINEAGE_TARGET,
-    MAIN_BRANCH,
-    AtlasVersion,
-    Lineage,
-    LineageEntry,
-    blob_target,
-    version_target,
-    write_model_dir,
-)
+from fedarches.format.version import AtlasVersion, LINEAGE_TARGET, Lineage, LineageEntry, MAIN_BRANCH, blob_target, version_target, write_model_dir
 
 CACHE_ENV = "FEDARCHES_CACHE"
 USER_AGENT = "fedarches-site"

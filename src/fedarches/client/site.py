@@ -33,21 +33,16 @@ import anndata as ad
 import torch
 
 from fedarches.config import STRATEGIES, Strategy
-from fedarches.contribution import (
-    BUNDLE_FILE,
-    create_bundle,
-    expected_tensor_bytes,
-    read_bundle,
-    sanitize_metrics,
-    shared_key,
-    split_condition_key,
-)
+from fedarches.format.bundle import BUNDLE_FILE, create_bundle, expected_tensor_bytes, read_bundle
+from fedarches.format.metrics import sanitize_metrics
+from fedarches.format.tensor_keys import shared_key, split_condition_key
 from fedarches.client.fetch import AtlasClient, FetchedVersion
 from fedarches.data.io import read_h5ad
 from fedarches.errors import ContributionError, InputDataError, ModelFileError
-from fedarches.server.versions import AtlasVersion, read_atlas_version
-from fedarches.signing import PrivateKey, load_site_key
-from fedarches.storage import CONDITIONS, WEIGHTS, load_model_dir, tensor_sha256
+from fedarches.format.version import AtlasVersion, read_atlas_version
+from fedarches.format.signing import PrivateKey, load_site_key
+from fedarches.format.model_dir import CONDITIONS, WEIGHTS, load_model_dir
+from fedarches.format.canonical import tensor_sha256
 
 QUERY_FILE = "query.h5ad"
 REPORT_FILE = "report.json"

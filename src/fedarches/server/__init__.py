@@ -7,7 +7,7 @@
 from fedarches.server.atlas import Atlas, MergeResult, Rejection, VerifiedBundle
 from fedarches.server.http import AtlasHTTPServer, make_server
 from fedarches.server.repository import ExpiryPolicy
-from fedarches.server.versions import AtlasVersion, Lineage, LineageEntry
+from fedarches.format.version import AtlasVersion, Lineage, LineageEntry
 
 __all__ = [
     "Atlas",

@@ -46,38 +46,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedarches.contribution import (
-    Bundle,
-    BundleSource,
-    read_bundle,
-    sanitize_metrics,
-    split_condition_key,
-)
+from fedarches.format.bundle import Bundle, BundleSource, read_bundle
+from fedarches.format.metrics import sanitize_metrics
+from fedarches.format.tensor_keys import split_condition_key
 from fedarches.data.io import read_h5ad
 from fedarches.errors import ContributionError, FedarchesError, ModelFileError, VerificationError
 from fedarches.server.repository import ExpiryPolicy, RepoState, TufRepository, atomic_write
-from fedarches.server.versions import (
-    LINEAGE_TARGET,
-    MAIN_BRANCH,
-    REFERENCE_SITE,
-    AtlasVersion,
-    BlobRef,
-    ConditionRecord,
-    Lineage,
-    LineageEntry,
-    blob_target,
-    entry_for,
-    version_target,
-    write_model_dir,
-)
-from fedarches.signing import PublicKey, load_public_key, public_key_from_pem
-from fedarches.storage import (
-    CONDITIONS,
-    WEIGHTS,
-    canonical_json,
-    load_model_dir,
-    sha256_bytes,
-)
+from fedarches.format.version import AtlasVersion, BlobRef, ConditionRecord, LINEAGE_TARGET, Lineage, LineageEntry, MAIN_BRANCH, REFERENCE_SITE, blob_target, entry_for, version_target, write_model_dir
+from fedarches.format.signing import PublicKey, load_public_key, public_key_from_pem
+from fedarches.format.model_dir import CONDITIONS, WEIGHTS, load_model_dir
+from fedarches.format.canonical import canonical_json, sha256_bytes
 
 ATLAS_FORMAT = "fedarches.atlas/1"
 SITES_FORMAT = "fedarches.sites/1"

@@ -55,8 +55,8 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from fedarches.errors import ModelFileError, VerificationError
-from fedarches.signing import generate_key, load_private_key, write_private_key
-from fedarches.storage import sha256_bytes, sha256_file
+from fedarches.format.signing import generate_key, load_private_key, write_private_key
+from fedarches.format.canonical import sha256_bytes, sha256_file
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 PAUSE_ENV = "FEDARCHES_PUBLISH_PAUSE"

@@ -33,9 +33,7 @@ not by the number of cells. The coordinator publishes each as its own branch.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -51,27 +49,24 @@ from safetensors.torch import save as st_save
 
 from fedarches.config import ModelConfig, Strategy
 from fedarches.errors import ContributionError, VerificationError
-from fedarches.signing import PrivateKey, PublicKey, b64decode, b64encode, verify_canonical
-from fedarches.storage import canonical_json, sha256_bytes, tensor_sha256
+from fedarches.format.metrics import MAX_METRIC_TEXT, MAX_METRICS, MetricValue, sanitize_metrics
+from fedarches.format.signing import PrivateKey, PublicKey, b64decode, b64encode, verify_canonical
+from fedarches.format.canonical import canonical_json, sha256_bytes, tensor_sha256
+from fedarches.format.tensor_keys import SHARED_PREFIX, split_condition_key, split_shared_key
 
 BUNDLE_FORMAT = "fedarches.contribution/1"
 BUNDLE_FILE = "contribution.safetensors"
 META_MANIFEST = "fedarches.contribution"
 META_SIGNATURE = "fedarches.signature"
-SHARED_PREFIX = "shared/"
 CONDITION_TABLES = ("encoder", "decoder", "dispersion")
 
 # Limits checked before anything is parsed: a bundle comes from elsewhere.
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
-MAX_METRICS = 64
 MAX_NAME_CHARS = 200
-MAX_METRIC_TEXT = 200
 
-MetricValue = Union[bool, int, float, str]
 BundleSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
-_METRIC_KEY = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 
 
 class TensorEntry(BaseModel):
@@ -101,66 +96,11 @@ class BundleManifest(BaseModel):
     metrics: dict[str, MetricValue] = {}
 
 
-def condition_key(table: str, name: str) -> str:
-    """Key of one condition vector in ``conditions.safetensors`` and in bundles."""
-    return f"{table}/{name}"
-
-
-def split_condition_key(key: str) -> tuple[str, str]:
-    """``"encoder/study 1"`` -> ``("encoder", "study 1")`` (names may contain ``/``)."""
-    table, sep, name = key.partition("/")
-    if not sep or not name:
-        raise ContributionError(f"tensor key check failed: {key!r} is not '<table>/<condition name>'")
-    return table, name
-
-
-def shared_key(blob_file: str, key: str) -> str:
-    return f"{SHARED_PREFIX}{blob_file}/{key}"
-
-
-def split_shared_key(key: str) -> tuple[str, str]:
-    rest = key[len(SHARED_PREFIX) :]
-    blob, sep, inner = rest.partition("/")
-    if not key.startswith(SHARED_PREFIX) or not sep or not inner:
-        raise ContributionError(f"tensor key check failed: {key!r} is not 'shared/<blob file>/<tensor key>'")
-    return blob, inner
-
-
 def check_condition_name(name: str) -> None:
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
         raise ContributionError(f"condition name check failed: {name!r} must be 1-{MAX_NAME_CHARS} characters")
     if any(ord(c) < 32 for c in name):
         raise ContributionError(f"condition name check failed: {name!r} contains control characters")
-
-
-def sanitize_metrics(values: Mapping[str, Any]) -> dict[str, MetricValue]:
-    """Keep only small scalar metrics (numbers, booleans, short strings).
-
-    Why a filter and not trust: a report may hold arrays, per-cell values or
-    file paths; a bundle must not, so anything that is not a finite scalar
-    with a plain key is dropped rather than shipped.
-    """
-    out: dict[str, MetricValue] = {}
-    for key in sorted(values):
-        if len(out) >= MAX_METRICS:
-            break
-        value = values[key]
-        if not isinstance(key, str) or not _METRIC_KEY.match(key):
-            continue
-        if isinstance(value, bool):
-            out[key] = value
-        elif isinstance(value, int):
-            out[key] = int(value)
-        elif isinstance(value, float):
-            if math.isfinite(value):
-                out[key] = float(value)
-        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalar
-            item = value.item()
-            if isinstance(item, (bool, int)) or (isinstance(item, float) and math.isfinite(item)):
-                out[key] = item
-        elif isinstance(value, str) and len(value) <= MAX_METRIC_TEXT and "/" not in value:
-            out[key] = value
-    return out
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel
 
 from fedarches.errors import VerificationError
-from fedarches.storage import canonical_json
+from fedarches.format.canonical import canonical_json
 
 PRIVATE_KEY_FILE = "site.key"
 PUBLIC_KEY_FILE = "site.pub"

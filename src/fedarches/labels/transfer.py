@@ -125,7 +125,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from fedarches.errors import InputDataError
-from fedarches.novelty import ClassGaussianNovelty
+from fedarches.labels.novelty import ClassGaussianNovelty
 
 __all__ = ["UNKNOWN", "KNNLabelTransfer", "LabelTransferResult"]
 

@@ -9,13 +9,11 @@ layer uses exactly these bytes to name atlas versions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from fedarches import __version__
 from fedarches.config import ModelConfig, TrainConfig
 from fedarches.errors import ModelFileError
+from fedarches.format.canonical import canonical_json, sha256_file
 
 MODEL_FORMAT = "fedarches.model/1"
 MANIFEST = "manifest.json"
@@ -49,33 +48,6 @@ class ModelManifest(BaseModel):
     label_key: str | None = None
     label_categories: list[str] = []
     files: dict[str, str] = {}
-
-
-def canonical_json(obj: BaseModel | dict[str, Any] | list[Any]) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: the same object always gives the same bytes."""
-    if isinstance(obj, BaseModel):
-        obj = obj.model_dump(mode="json")
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """Hash of a tensor's dtype, shape and raw bytes (used to prove frozen tensors did not move)."""
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

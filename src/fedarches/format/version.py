@@ -33,7 +33,8 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedarches.errors import ModelFileError, VerificationError
-from fedarches.storage import MANIFEST, ModelManifest, canonical_json, load_model_dir, sha256_bytes
+from fedarches.format.model_dir import MANIFEST, ModelManifest, load_model_dir
+from fedarches.format.canonical import canonical_json, sha256_bytes
 
 VERSION_FORMAT = "fedarches.atlas-version/1"
 LINEAGE_FORMAT = "fedarches.lineage/1"
