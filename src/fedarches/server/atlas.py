@@ -50,7 +50,13 @@ from fedarches.format.bundle import Bundle, BundleSource, read_bundle
 from fedarches.format.metrics import sanitize_metrics
 from fedarches.format.tensor_keys import split_condition_key
 from fedarches.data.io import read_h5ad
-from fedarches.errors import ContributionError, FedarchesError, ModelFileError, VerificationError
+from fedarches.errors import (
+    ConditionCollisionError,
+    ContributionError,
+    FedarchesError,
+    ModelFileError,
+    VerificationError,
+)
 from fedarches.server.repository import ExpiryPolicy, RepoState, TufRepository, atomic_write
 from fedarches.format.version import AtlasVersion, BlobRef, ConditionRecord, LINEAGE_TARGET, Lineage, LineageEntry, MAIN_BRANCH, REFERENCE_SITE, blob_target, entry_for, version_target, write_model_dir
 from fedarches.format.signing import PublicKey, load_public_key, public_key_from_pem
@@ -121,6 +127,27 @@ class VerifiedBundle:
 class Rejection:
     source: str
     error: str
+    check: str = ""
+    index: int = -1
+
+
+@dataclass(frozen=True)
+class BundleOutcome:
+    """What a merge did with one of its sources, in the order they were given.
+
+    ``status``: ``accepted`` (in a published version), ``unchanged`` (an
+    identical resubmission) or ``rejected`` (``error`` says why, ``check``
+    names the failed check). Callers match outcomes to their inputs by
+    ``index``, never by path text.
+    """
+
+    index: int
+    source: str
+    status: str
+    digest: str | None = None
+    site: str | None = None
+    error: str = ""
+    check: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,7 +165,7 @@ class MergeResult:
     unchanged: list[str]
     rejected: list[Rejection]
     head: LineageEntry | None
-    accepted: list[str] = field(default_factory=list)
+    outcomes: list[BundleOutcome] = field(default_factory=list)
 
     @property
     def version(self) -> LineageEntry | None:
@@ -602,13 +629,16 @@ class Atlas:
             cache: dict[str, AtlasVersion] = {}
             rejected: list[Rejection] = []
             verified: list[VerifiedBundle] = []
-            for src in sources:
+            index_of: dict[int, int] = {}
+            for i, src in enumerate(sources):
                 try:
-                    verified.append(self._verify(src, state, lineage, registry, cache))
+                    v = self._verify(src, state, lineage, registry, cache)
+                    index_of[id(v)] = i
+                    verified.append(v)
                 except FedarchesError as exc:
                     if not skip_invalid:
                         raise
-                    rejected.append(Rejection(_source_name(src), str(exc)))
+                    rejected.append(Rejection(_source_name(src), str(exc), exc.check, i))
 
             unchanged = [v.bundle.source for v in verified if v.noop]
             fresh: dict[str, VerifiedBundle] = {}
@@ -637,8 +667,12 @@ class Atlas:
                         f"(sites {sites}); rename the studies so each condition name is unique"
                     )
                     if not skip_invalid:
-                        raise ContributionError(msg)
-                    rejected.extend(Rejection(v.bundle.source, msg) for v in members if id(v) in bad)
+                        raise ConditionCollisionError(msg)
+                    rejected.extend(
+                        Rejection(v.bundle.source, msg, ConditionCollisionError.check, index_of[id(v)])
+                        for v in members
+                        if id(v) in bad
+                    )
                     groups[gid] = [v for v in members if id(v) not in bad]
 
             plans: list[tuple[AtlasVersion, dict[str, bytes]]] = []
@@ -655,13 +689,27 @@ class Atlas:
                 plans.append(self._plan_branch(v, number, lineage, state, [p[0] for p in plans]))
                 number += 1
             published = self._publish(state, plans) if plans else []
-            accepted = [v.bundle.source for g in groups.values() for v in g] + [v.bundle.source for v in branches]
+            outcomes: dict[int, BundleOutcome] = {}
+            refused = {r.index: r for r in rejected}
+            for r in rejected:
+                outcomes[r.index] = BundleOutcome(r.index, r.source, "rejected", error=r.error, check=r.check)
+            for v in verified:
+                i = index_of[id(v)]
+                if i in outcomes:
+                    continue
+                # the same bundle given twice in one call shares the fate of its first copy
+                first = refused.get(index_of[id(fresh[v.digest])]) if v.digest in fresh else None
+                if first is not None:
+                    outcomes[i] = BundleOutcome(i, v.bundle.source, "rejected", v.digest, v.site, first.error, first.check)
+                else:
+                    status = "unchanged" if v.noop else "accepted"
+                    outcomes[i] = BundleOutcome(i, v.bundle.source, status, digest=v.digest, site=v.site)
             return MergeResult(
                 published=published,
                 unchanged=unchanged,
                 rejected=rejected,
                 head=self.lineage().head(MAIN_BRANCH),
-                accepted=accepted,
+                outcomes=[outcomes[i] for i in sorted(outcomes)],
             )
 
     def _plan_merge(
@@ -773,6 +821,7 @@ class Atlas:
 __all__ = [
     "Atlas",
     "AtlasConfig",
+    "BundleOutcome",
     "EnrolledSite",
     "ExpiryPolicy",
     "MergeResult",

@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
+from typing import TYPE_CHECKING
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from fedarches.errors import FedarchesError, RepositoryError
+
+if TYPE_CHECKING:
+    from fedarches.server.atlas import Atlas
+
+RESIGN_CHECK_SECONDS = 3600.0
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -39,6 +48,7 @@ class _Handler(SimpleHTTPRequestHandler):
 class AtlasHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    _stop_refresh: threading.Event | None = None
 
     @property
     def url(self) -> str:
@@ -51,6 +61,35 @@ class AtlasHTTPServer(ThreadingHTTPServer):
         t.start()
         return t
 
+    def keep_fresh(self, atlas: "Atlas", every: float = RESIGN_CHECK_SECONDS) -> threading.Thread:
+        """Re-sign the atlas metadata before it expires for as long as this server runs.
+
+        Why here and not in one command: any long-running server of the
+        repository (``atlas serve``, the Flower ServerApp) would otherwise
+        serve timestamp metadata past its expiry, which every site refuses.
+        """
+        stop = self._stop_refresh = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every):
+                try:
+                    if atlas.refresh():
+                        print("re-signed metadata that was past half its lifetime", flush=True)
+                except FedarchesError as exc:
+                    print(f"fedarches: could not re-sign metadata: {exc}", file=sys.stderr, flush=True)
+
+        t = threading.Thread(target=loop, name="fedarches-resign", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        """Stop serving (if serving in the background) and stop re-signing."""
+        if self._stop_refresh is not None:
+            self._stop_refresh.set()
+        if getattr(self, "_bg", False):
+            self.shutdown()
+        self.server_close()
+
 
 def make_server(
     directory: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, *, verbose: bool = False
@@ -58,6 +97,23 @@ def make_server(
     """An HTTP server for ``directory`` (an atlas's ``repository/``), bound but not yet serving."""
     root = Path(directory)
     if not (root / "metadata").is_dir():
-        raise FileNotFoundError(f"{root} is not a published atlas repository (no metadata/)")
+        raise RepositoryError(f"atlas repository check failed: {root} is not a published atlas repository (no metadata/)")
     handler = type("AtlasHandler", (_Handler,), {"verbose": verbose})
     return AtlasHTTPServer((host, port), functools.partial(handler, directory=str(root)))
+
+
+def serve_atlas(
+    atlas: "Atlas", host: str = "127.0.0.1", port: int = 0, *, verbose: bool = False,
+    resign_every: float = RESIGN_CHECK_SECONDS,
+) -> AtlasHTTPServer:
+    """Serve ``atlas``'s repository in the background and keep its metadata fresh.
+
+    Re-signs at once if the metadata is past half its life, then every
+    ``resign_every`` seconds. Stop with ``close()``.
+    """
+    atlas.refresh()
+    server = make_server(atlas.repository_dir, host, port, verbose=verbose)
+    server.keep_fresh(atlas, resign_every)
+    server.start_background()
+    server._bg = True  # type: ignore[attr-defined]
+    return server
