@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 ModelKind = Literal["trvae", "nb"]
+MODEL_KINDS: tuple[str, ...] = ("trvae", "nb")  # every --model choice list and check reads this
 Strategy = Literal["conditions", "input-layers", "full"]
 STRATEGIES: tuple[str, ...] = ("conditions", "input-layers", "full")
 
