@@ -9,7 +9,6 @@ log1p(CP10k) in ``layers["lognorm"]`` for MSE models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -17,41 +16,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-
-@dataclass
-class Split:
-    name: str
-    path: str
-    reference_studies: list[str]
-    query_studies: list[str]
-    held_out_types: list[str] = field(default_factory=list)  # removed from the reference
-    description: str = ""
+from fedarches.data.genes import select_genes
+from fedarches.data.splits import BENCHMARK_SPLITS, Split
 
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.exists():  # a checkout elsewhere: the documented sibling path
     DATA = Path("/work/shared/data")
 
-SPLITS = {
-    "cellbench": Split(
-        name="cellbench",
-        path=str(DATA / "cellbench_lung_celllines.h5ad"),
-        reference_studies=["CELseq2_3cl", "Dropseq_3cl", "CELseq2_5cl_p1"],
-        query_studies=["CELseq2_5cl_p2", "CELseq2_5cl_p3"],
-        held_out_types=["A549"],
-        description="CellBench lung cell lines: reference CELseq2_3cl + Dropseq_3cl + CELseq2_5cl_p1 "
-        "without A549; query CELseq2_5cl_p2 + CELseq2_5cl_p3; A549 never seen by the reference",
-    ),
-    "pbmc": Split(
-        name="pbmc",
-        path=str(DATA / "symphony_pbmc_3chem.h5ad"),
-        reference_studies=["3pv1", "3pv2"],
-        query_studies=["5p"],
-        held_out_types=["B"],
-        description="Symphony PBMC, by 10x chemistry: reference 3' v1 + 3' v2 without B cells; "
-        "query 5' (all types); B cells never seen by the reference",
-    ),
-}
+# The splits are defined once, in fedarches.data.splits.
+SPLITS: dict[str, Split] = BENCHMARK_SPLITS
 
 
 def lognorm(x: sp.csr_matrix) -> sp.csr_matrix:
@@ -62,23 +36,6 @@ def lognorm(x: sp.csr_matrix) -> sp.csr_matrix:
     x = sp.csr_matrix(x, dtype=np.float32)
     np.log1p(x.data, out=x.data)
     return x
-
-
-def select_genes(x, genes, batches, n_genes):
-    try:
-        from fedarches.data.genes import select_genes as sel
-    except ImportError:  # pragma: no cover - fedarches not installed yet
-        sel = None
-    if sel is not None:
-        return sel(x, genes, batches, n_genes)
-    import scanpy as sc
-
-    tmp = ad.AnnData(X=x, obs=pd.DataFrame({"b": pd.Categorical(batches)}, index=np.arange(x.shape[0]).astype(str)),
-                     var=pd.DataFrame(index=pd.Index(list(genes))))
-    if n_genes >= tmp.n_vars:
-        return list(genes)
-    h = sc.pp.highly_variable_genes(tmp, n_top_genes=n_genes, flavor="seurat_v3", batch_key="b", inplace=False, span=1.0)
-    return [g for g, k in zip(genes, h["highly_variable"].to_numpy()) if k]
 
 
 def _clean(a: ad.AnnData, genes: list[str]) -> ad.AnnData:
@@ -98,13 +55,8 @@ def _clean(a: ad.AnnData, genes: list[str]) -> ad.AnnData:
 
 def prepare_split(split: Split, out_dir: Path, n_genes: int = 2000) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    full = ad.read_h5ad(split.path)
-    study = full.obs["study"].astype(str)
-    ctype = full.obs["cell_type"].astype(str)
-    ref_mask = study.isin(split.reference_studies) & ~ctype.isin(split.held_out_types)
-    q_mask = study.isin(split.query_studies)
-    ref = full[ref_mask.to_numpy()].copy()
-    query = full[q_mask.to_numpy()].copy()
+    full = ad.read_h5ad(DATA / split.file)
+    ref, query = split.apply(full)
     genes = select_genes(sp.csr_matrix(ref.X), list(ref.var_names), ref.obs["study"].astype(str).to_numpy(), n_genes)
     ref, query = _clean(ref, genes), _clean(query, genes)
     ref.write_h5ad(out_dir / "ref.h5ad")
@@ -112,9 +64,9 @@ def prepare_split(split: Split, out_dir: Path, n_genes: int = 2000) -> dict:
     return {
         "name": split.name,
         "description": split.description,
-        "reference_studies": split.reference_studies,
-        "query_studies": split.query_studies,
-        "held_out_types": split.held_out_types,
+        "reference_studies": list(split.reference_studies),
+        "query_studies": list(split.query_studies),
+        "held_out_types": list(split.held_out_types),
         "n_reference_cells": int(ref.n_obs),
         "n_query_cells": int(query.n_obs),
         "n_genes": len(genes),

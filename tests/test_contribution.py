@@ -11,7 +11,14 @@ import torch
 from fedarches.config import ModelConfig
 from fedarches.format.bundle import META_MANIFEST, audit_bundle, create_bundle, read_bundle
 from fedarches.format.metrics import sanitize_metrics
-from fedarches.errors import ContributionError, VerificationError
+from fedarches.errors import (
+    BundleContentError,
+    BundleFileError,
+    BundleFormatError,
+    BundleMetricsError,
+    HashError,
+    SignatureError,
+)
 from fedarches.format.signing import generate_key
 from test_atlas_support import random_condition_vectors
 
@@ -63,7 +70,7 @@ def test_signature_covers_manifest_and_tensors():
     data = _bundle(key, cfg)
     b = read_bundle(data)
     b.verify_signature(key.public)
-    with pytest.raises(VerificationError, match="signature check failed"):
+    with pytest.raises(SignatureError, match="^signature check failed"):
         b.verify_signature(generate_key().public)
 
     # a changed metric in the manifest: parses, but the signature no longer matches
@@ -73,20 +80,20 @@ def test_signature_covers_manifest_and_tensors():
         h["__metadata__"][META_MANIFEST] = json.dumps(m, sort_keys=True, separators=(",", ":"))
 
     forged = read_bundle(_rewrite_header(data, bump))
-    with pytest.raises(VerificationError, match="signature check failed"):
+    with pytest.raises(SignatureError, match="^signature check failed"):
         forged.verify_signature(key.public)
 
     # a flipped tensor byte: caught by the signed per-tensor sha256 before any signature check
     tampered = bytearray(data)
     tampered[-3] ^= 0xFF
-    with pytest.raises(VerificationError, match="tensor hash check failed"):
+    with pytest.raises(HashError, match="^hash check failed: tensor"):
         read_bundle(bytes(tampered))
 
 
 def test_unsigned_extra_tensor_and_shared_tensors_are_refused():
     key = generate_key()
     cfg = ModelConfig.paper_defaults("trvae", 50)
-    with pytest.raises(ContributionError, match="strategy 'conditions'"):
+    with pytest.raises(BundleContentError, match="strategy 'conditions'"):
         _bundle(key, cfg, tensors={**random_condition_vectors(cfg, ["q"]), "shared/weights.safetensors/x": torch.ones(3)})
 
     data = _bundle(key, cfg)
@@ -96,20 +103,20 @@ def test_unsigned_extra_tensor_and_shared_tensors_are_refused():
         del m["tensors"]["decoder/q1"]
         h["__metadata__"][META_MANIFEST] = json.dumps(m, sort_keys=True, separators=(",", ":"))
 
-    with pytest.raises(VerificationError, match="tensor list check failed"):
+    with pytest.raises(BundleContentError, match="^bundle content check failed: tensor list"):
         read_bundle(_rewrite_header(data, drop_entry))
 
 
 def test_garbage_and_foreign_files_name_the_check(tmp_path):
-    with pytest.raises(ContributionError, match="bundle format check failed"):
+    with pytest.raises(BundleFormatError, match="^bundle format check failed"):
         read_bundle(b"\x00" * 4)
-    with pytest.raises(ContributionError, match="bundle format check failed"):
+    with pytest.raises(BundleFormatError, match="^bundle format check failed"):
         read_bundle(struct.pack("<Q", 1 << 40) + b"{}")
     from safetensors.torch import save
 
-    with pytest.raises(ContributionError, match="not a contribution bundle"):
+    with pytest.raises(BundleFormatError, match="not a contribution bundle"):
         read_bundle(save({"x": torch.ones(2)}))
-    with pytest.raises(ContributionError, match="does not exist"):
+    with pytest.raises(BundleFileError, match="does not exist"):
         read_bundle(tmp_path / "missing.safetensors")
 
 
@@ -129,5 +136,26 @@ def test_oversized_metrics_are_refused_before_any_trust_decision():
         m["metrics"]["notes"] = "x" * 10000
         h["__metadata__"][META_MANIFEST] = json.dumps(m, sort_keys=True, separators=(",", ":"))
 
-    with pytest.raises(ContributionError, match="bundle metrics check failed"):
+    with pytest.raises(BundleMetricsError, match="^bundle metrics check failed"):
         read_bundle(_rewrite_header(data, stuff))
+
+
+@pytest.mark.parametrize("payload", [b"1" * 5000, b"[" * 100_000, b'{"a":NaN}', b"1e999"])
+def test_hostile_header_json_is_a_bundle_format_error(payload):
+    """Bounded parsing: never a RecursionError, a bare ValueError or an inf."""
+    data = struct.pack("<Q", len(payload)) + payload
+    with pytest.raises(BundleFormatError, match="^bundle format check failed"):
+        read_bundle(data)
+
+
+def test_hostile_manifest_json_is_a_bundle_manifest_error():
+    from fedarches.errors import BundleManifestError
+
+    key = generate_key()
+    data = _bundle(key, ModelConfig.paper_defaults("trvae", 50))
+
+    def deep(h):
+        h["__metadata__"][META_MANIFEST] = "[" * 10_000
+
+    with pytest.raises(BundleManifestError, match="^bundle manifest check failed.*deeper"):
+        read_bundle(_rewrite_header(data, deep))

@@ -52,9 +52,12 @@ def test_demo_cellbench_holdout(tmp_path, capsys):
     CELseq2_5cl_p1 without A549; sites = the two other 5-cell-line plates."""
     from conftest import shared_data
 
+    from fedarches.data.splits import CELLBENCH
+
     data = shared_data("cellbench_lung_celllines.h5ad")
     code = main(["demo", "--data", str(data), "--condition-key", "study", "--label-key", "cell_type",
-                 "--reference-studies", "CELseq2_3cl,Dropseq_3cl,CELseq2_5cl_p1", "--holdout", "A549", "--sites", "2", "--rounds", "1",
+                 "--reference-studies", ",".join(CELLBENCH.reference_studies),
+                 "--holdout", ",".join(CELLBENCH.held_out_types), "--sites", "2", "--rounds", "1",
                  "--n-genes", "2000", "--out", str(tmp_path / "demo")])
     text = capsys.readouterr().out
     assert code == 0, text[-3000:]

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from fedarches.errors import VerificationError
+from fedarches.errors import CanonicalJSONError, KeyFileError, SignatureError
 from fedarches.format.signing import generate_key, keygen, load_private_key, load_public_key, load_site_key, sign_canonical, verify_canonical
 
 
@@ -26,7 +26,7 @@ def test_keygen_writes_private_0600_and_public_key(tmp_path):
 def test_keygen_refuses_to_overwrite(tmp_path):
     keygen(tmp_path / "key")
     before = (tmp_path / "key" / "site.key").read_bytes()
-    with pytest.raises(VerificationError, match="already exists"):
+    with pytest.raises(KeyFileError, match="^key file check failed.*already exists"):
         keygen(tmp_path / "key")
     assert (tmp_path / "key" / "site.key").read_bytes() == before
 
@@ -34,7 +34,7 @@ def test_keygen_refuses_to_overwrite(tmp_path):
 def test_group_readable_private_key_is_refused(tmp_path):
     k = keygen(tmp_path / "key")
     os.chmod(k.private, 0o644)
-    with pytest.raises(VerificationError, match="chmod 600"):
+    with pytest.raises(KeyFileError, match="chmod 600"):
         load_private_key(k.private)
 
 
@@ -43,10 +43,10 @@ def test_canonical_signature_roundtrip_and_tampering():
     data, sig = sign_canonical(key, {"b": [1, 2], "a": "ü"})
     assert data == '{"a":"ü","b":[1,2]}'.encode()
     verify_canonical(key.public, data, sig)
-    with pytest.raises(VerificationError, match="signature check failed"):
+    with pytest.raises(SignatureError, match="^signature check failed"):
         verify_canonical(key.public, data.replace(b"1", b"3"), sig)
-    with pytest.raises(VerificationError, match="signature check failed"):
+    with pytest.raises(SignatureError, match="^signature check failed"):
         verify_canonical(generate_key().public, data, sig)
     spaced = b'{"a": 1}'
-    with pytest.raises(VerificationError, match="canonical JSON check failed"):
+    with pytest.raises(CanonicalJSONError, match="^canonical JSON check failed"):
         verify_canonical(key.public, spaced, key.sign(spaced))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from fedarches.errors import InputDataError
+from fedarches.errors import GeneOverlapError
 
 OVERLAP_WARN = 0.8
 OVERLAP_FLOOR = 0.5
@@ -49,7 +49,7 @@ def select_genes(x: sp.csr_matrix, genes: Sequence[str], batches: np.ndarray, n_
             )
     if isinstance(hvg, pd.DataFrame) and "highly_variable" in hvg:
         mask = hvg["highly_variable"].to_numpy()
-    else:  # pragma: no cover - scanpy API drift
+    else:  # pragma: no cover - scanpy API drift: a broken install, not the user's data
         raise RuntimeError("scanpy.pp.highly_variable_genes returned no 'highly_variable' column")
     chosen = [g for g, keep in zip(genes, mask) if keep]
     return chosen
@@ -71,8 +71,8 @@ def align_genes(
     present = pos >= 0
     overlap = float(present.mean()) if len(model_genes) else 0.0
     if overlap < floor:
-        raise InputDataError(
-            f"only {present.sum()} of the model's {len(model_genes)} genes ({overlap:.0%}) are in the data; "
+        raise GeneOverlapError(
+            f"gene overlap check failed: only {present.sum()} of the model's {len(model_genes)} genes ({overlap:.0%}) are in the data; "
             f"below the {floor:.0%} floor. Check that var_names are gene symbols of the same kind as the "
             "reference's (e.g. not Ensembl ids against symbols)"
         )

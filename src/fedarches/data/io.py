@@ -7,7 +7,7 @@ from pathlib import Path
 
 import anndata as ad
 
-from fedarches.errors import InputDataError
+from fedarches.errors import DataFileError
 
 
 def read_h5ad(data: ad.AnnData | str | os.PathLike[str], what: str = "data file") -> ad.AnnData:
@@ -16,8 +16,8 @@ def read_h5ad(data: ad.AnnData | str | os.PathLike[str], what: str = "data file"
         return data
     p = Path(data)
     if not p.is_file():
-        raise InputDataError(f"{what} {p} does not exist")
+        raise DataFileError(f"data file check failed: {what} {p} does not exist")
     try:
         return ad.read_h5ad(p)
     except Exception as exc:  # h5py/anndata raise many types for a foreign file
-        raise InputDataError(f"{p} is not a readable .h5ad file ({type(exc).__name__}: {exc})") from exc
+        raise DataFileError(f"data file check failed: {p} is not a readable .h5ad file ({type(exc).__name__}: {exc})") from exc

@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from fedarches.errors import InputDataError
+from fedarches.errors import SettingError
 
 __all__ = ["cell_type_names", "simulate", "study_names"]
 
@@ -84,7 +84,7 @@ def study_names(n: int) -> list[str]:
 
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputDataError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise SettingError(f"setting check failed: {name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -95,23 +95,23 @@ def _allowed_types(held_out: Mapping[str, Sequence[str]] | None, studies: list[s
     if not held_out:
         return allowed
     if not isinstance(held_out, Mapping):
-        raise InputDataError("held_out must map a study name to a list of cell-type names, "
+        raise SettingError("setting check failed: held_out must map a study name to a list of cell-type names, "
                              f"e.g. {{'study_0': ['type_A']}}; got {type(held_out).__name__}")
     s_index = {s: i for i, s in enumerate(studies)}
     t_index = {t: i for i, t in enumerate(types)}
     for study, gone in held_out.items():
         if study not in s_index:
-            raise InputDataError(f"held_out names study {study!r}, but the simulated studies are "
+            raise SettingError(f"setting check failed: held_out names study {study!r}, but the simulated studies are "
                                  f"{studies[0]}..{studies[-1]}")
         if isinstance(gone, str):
             gone = [gone]
         for t in gone:
             if t not in t_index:
-                raise InputDataError(f"held_out[{study!r}] names cell type {t!r}, but the simulated types "
+                raise SettingError(f"setting check failed: held_out[{study!r}] names cell type {t!r}, but the simulated types "
                                      f"are {types[0]}..{types[-1]}")
             allowed[s_index[study], t_index[t]] = False
         if not allowed[s_index[study]].any():
-            raise InputDataError(f"held_out removes every cell type from {study!r}; leave at least one")
+            raise SettingError(f"setting check failed: held_out removes every cell type from {study!r}; leave at least one")
     return allowed
 
 
@@ -157,25 +157,25 @@ def simulate(
     n_cell_types = _check_positive_int("n_cell_types", n_cell_types)
     n_studies = _check_positive_int("n_studies", n_studies)
     if n_cells < n_studies:
-        raise InputDataError(f"n_cells ({n_cells}) must be at least n_studies ({n_studies})")
+        raise SettingError(f"setting check failed: n_cells ({n_cells}) must be at least n_studies ({n_studies})")
     n_markers = max(2, n_genes // 50) if n_markers is None else _check_positive_int("n_markers", n_markers, 0)
     if n_markers > n_genes:
-        raise InputDataError(f"n_markers ({n_markers}) cannot exceed n_genes ({n_genes})")
+        raise SettingError(f"setting check failed: n_markers ({n_markers}) cannot exceed n_genes ({n_genes})")
     lo, hi = (float(v) for v in marker_log_fold_range)
     if not 0.0 <= lo <= hi:
-        raise InputDataError(f"marker_log_fold_range must be (low, high) with 0 <= low <= high, got {(lo, hi)}")
+        raise SettingError(f"setting check failed: marker_log_fold_range must be (low, high) with 0 <= low <= high, got {(lo, hi)}")
     for name, val in (("gene_log_sd", gene_log_sd), ("type_log_sd", type_log_sd),
                       ("study_gene_sd", study_gene_sd), ("study_library_sd", study_library_sd),
                       ("library_sd", library_sd)):
         if not (np.isfinite(val) and val >= 0):
-            raise InputDataError(f"{name} must be a finite number >= 0, got {val!r}")
+            raise SettingError(f"setting check failed: {name} must be a finite number >= 0, got {val!r}")
     for name, val in (("library_size", library_size), ("theta", theta), ("type_balance", type_balance)):
         if not (np.isfinite(val) and val > 0):
-            raise InputDataError(f"{name} must be a finite number > 0, got {val!r}")
+            raise SettingError(f"setting check failed: {name} must be a finite number > 0, got {val!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputDataError(f"seed must be a non-negative integer, got {seed!r}")
+        raise SettingError(f"setting check failed: seed must be a non-negative integer, got {seed!r}")
     if n_jobs == 0 or n_jobs < -1:
-        raise InputDataError(f"n_jobs must be -1 (all cores) or a positive integer, got {n_jobs}")
+        raise SettingError(f"setting check failed: n_jobs must be -1 (all cores) or a positive integer, got {n_jobs}")
     workers = n_jobs if n_jobs > 0 else (os.cpu_count() or 1)
 
     studies = study_names(n_studies)

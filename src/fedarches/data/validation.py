@@ -14,21 +14,21 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from fedarches.errors import InputDataError
+from fedarches.errors import ColumnError, CountValueError, EmptyDataError, GeneNameError
 
 
 def get_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix:
     """The count matrix as float32 CSR (a view-free copy only when needed)."""
     if layer is not None:
         if layer not in adata.layers:
-            raise InputDataError(
-                f"layer {layer!r} not found; available layers: {sorted(adata.layers.keys()) or 'none'}"
+            raise ColumnError(
+                f"obs column check failed: layer {layer!r} not found; available layers: {sorted(adata.layers.keys()) or 'none'}"
             )
         x = adata.layers[layer]
     else:
         x = adata.X
     if x is None:
-        raise InputDataError("the AnnData has no .X; pass --layer with the name of the counts layer")
+        raise EmptyDataError("data shape check failed: the AnnData has no .X; pass --layer with the name of the counts layer")
     if sp.issparse(x):
         x = sp.csr_matrix(x, dtype=np.float32) if (x.format != "csr" or x.dtype != np.float32) else x
     else:
@@ -38,17 +38,17 @@ def get_matrix(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix:
 
 def check_shape(adata: ad.AnnData) -> None:
     if adata.n_obs == 0:
-        raise InputDataError("the data has zero cells; nothing to train or map")
+        raise EmptyDataError("data shape check failed: the data has zero cells; nothing to train or map")
     if adata.n_vars == 0:
-        raise InputDataError("the data has zero genes; check var_names and the matrix")
+        raise EmptyDataError("data shape check failed: the data has zero genes; check var_names and the matrix")
 
 
 def check_gene_names(genes: Sequence[str] | pd.Index) -> None:
     index = pd.Index(genes)
     if index.has_duplicates:
         dups = index[index.duplicated()].unique()[:5].tolist()
-        raise InputDataError(
-            f"duplicate gene names in var_names (e.g. {dups}); make them unique first "
+        raise GeneNameError(
+            f"gene name check failed: duplicate gene names in var_names (e.g. {dups}); make them unique first "
             "(adata.var_names_make_unique()) or aggregate the duplicates"
         )
 
@@ -61,18 +61,18 @@ def check_values(x: sp.csr_matrix, *, require_integers: bool, what: str = "the c
     finite = np.isfinite(data)
     if not finite.all():
         n_bad = int((~finite).sum())
-        raise InputDataError(f"{what} contains {n_bad} NaN or infinite values; remove or impute them first")
+        raise CountValueError(f"count value check failed: {what} contains {n_bad} NaN or infinite values; remove or impute them first")
     if (data < 0).any():
-        raise InputDataError(
-            f"{what} contains negative values (min {float(data.min()):g}); fedarches expects raw counts, "
+        raise CountValueError(
+            f"count value check failed: {what} contains negative values (min {float(data.min()):g}); fedarches expects raw counts, "
             "not scaled or centred data (use the raw counts layer with --layer)"
         )
     if require_integers:
         frac = np.abs(data - np.rint(data))
         if (frac > 1e-3).any():
             example = float(data[frac > 1e-3][0])
-            raise InputDataError(
-                f"{what} contains non-integer values (e.g. {example:g}) but the NB model needs raw "
+            raise CountValueError(
+                f"count value check failed: {what} contains non-integer values (e.g. {example:g}) but the NB model needs raw "
                 "integer counts; pass the counts layer with --layer, or use --model trvae for "
                 "non-integer expression (e.g. RSEM estimates)"
             )
@@ -83,11 +83,11 @@ def condition_labels(adata: ad.AnnData, key: str, what: str = "condition") -> np
     if key not in adata.obs.columns:
         cols = list(adata.obs.columns)
         shown = cols[:10] + (["..."] if len(cols) > 10 else [])
-        raise InputDataError(f"{what} key {key!r} is not a column of .obs (columns: {shown or 'none'})")
+        raise ColumnError(f"obs column check failed: {what} key {key!r} is not a column of .obs (columns: {shown or 'none'})")
     col = adata.obs[key]
     if col.isna().any():
-        raise InputDataError(
-            f"{what} column {key!r} has {int(col.isna().sum())} missing values; every cell needs a {what}"
+        raise ColumnError(
+            f"obs column check failed: {what} column {key!r} has {int(col.isna().sum())} missing values; every cell needs a {what}"
         )
     return col.astype(str).to_numpy()
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,20 +47,38 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedarches.config import ModelConfig, Strategy
-from fedarches.errors import ContributionError, VerificationError
+from fedarches.errors import (
+    BundleContentError,
+    BundleFileError,
+    BundleFormatError,
+    BundleManifestError,
+    BundleMetricsError,
+    BundleSizeError,
+    HashError,
+    SignatureError,
+)
+from fedarches.format.canonical import (
+    canonical_json,
+    parse_json_bounded,
+    sha256_bytes,
+    tensor_sha256,
+    validation_summary,
+)
 from fedarches.format.metrics import MAX_METRIC_TEXT, MAX_METRICS, MetricValue, sanitize_metrics
 from fedarches.format.signing import PrivateKey, PublicKey, b64decode, b64encode, verify_canonical
-from fedarches.format.canonical import canonical_json, sha256_bytes, tensor_sha256
 from fedarches.format.tensor_keys import SHARED_PREFIX, split_condition_key, split_shared_key
 
 BUNDLE_FORMAT = "fedarches.contribution/1"
 BUNDLE_FILE = "contribution.safetensors"
 META_MANIFEST = "fedarches.contribution"
 META_SIGNATURE = "fedarches.signature"
-CONDITION_TABLES = ("encoder", "decoder", "dispersion")
 
 # Limits checked before anything is parsed: a bundle comes from elsewhere.
-MAX_BUNDLE_BYTES = 512 * 1024 * 1024
+# The one bundle size limit (the Flower protocol imports it). A ``conditions``
+# bundle is 4 * condition_parameter_count(m) bytes plus its header, far below
+# this for any model this package builds; only branch bundles (shared weights)
+# approach it, and they are bounded by the model size.
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_NAME_CHARS = 200
 
@@ -98,9 +115,11 @@ class BundleManifest(BaseModel):
 
 def check_condition_name(name: str) -> None:
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
-        raise ContributionError(f"condition name check failed: {name!r} must be 1-{MAX_NAME_CHARS} characters")
+        raise BundleContentError(
+            f"bundle content check failed: condition name {name!r} must be 1-{MAX_NAME_CHARS} characters"
+        )
     if any(ord(c) < 32 for c in name):
-        raise ContributionError(f"condition name check failed: {name!r} contains control characters")
+        raise BundleContentError(f"bundle content check failed: condition name {name!r} contains control characters")
 
 
 @dataclass(frozen=True)
@@ -126,9 +145,9 @@ class Bundle:
         return sha256_bytes(self.manifest_bytes)
 
     def verify_signature(self, key: PublicKey) -> None:
-        """Raise ``VerificationError`` unless ``key`` signed this manifest."""
+        """Raise ``SignatureError`` unless ``key`` signed this manifest."""
         if key.key_id != self.manifest.key_id:
-            raise VerificationError(
+            raise SignatureError(
                 f"signature check failed for bundle {self.source}: it names key "
                 f"{self.manifest.key_id[:16]}..., site {self.manifest.site!r} is enrolled with "
                 f"{key.key_id[:16]}...; the bundle was signed by a key this atlas does not know"
@@ -165,13 +184,13 @@ def create_bundle(
     with the tensors it describes.
     """
     if not tensors:
-        raise ContributionError("bundle content check failed: no tensors to contribute (no new condition)")
+        raise BundleContentError("bundle content check failed: no tensors to contribute (no new condition)")
     names: set[str] = set()
     clean: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
         if k.startswith(SHARED_PREFIX):
             if strategy == "conditions":
-                raise ContributionError(
+                raise BundleContentError(
                     f"bundle content check failed: {k} is a shared tensor but strategy 'conditions' "
                     "must leave every shared tensor unchanged"
                 )
@@ -182,10 +201,10 @@ def create_bundle(
             names.add(name)
         t = t.detach().cpu().contiguous()
         if t.ndim < 1 or not torch.isfinite(t).all():
-            raise ContributionError(f"bundle content check failed: tensor {k} is empty, scalar or not finite")
+            raise BundleContentError(f"bundle content check failed: tensor {k} is empty, scalar or not finite")
         clean[k] = t
     if not names:
-        raise ContributionError("bundle content check failed: no new condition tensors")
+        raise BundleContentError("bundle content check failed: no new condition tensors")
     manifest = BundleManifest(
         atlas=atlas,
         site=site,
@@ -203,27 +222,6 @@ def create_bundle(
     return st_save(dict(sorted(clean.items())), metadata=metadata)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_bundle(path: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """``create_bundle(**kwargs)`` written atomically to ``path``."""
-    p = Path(path)
-    _atomic_write(p, create_bundle(**kwargs))
-    return p
-
-
 def _read_source(source: BundleSource) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -231,35 +229,34 @@ def _read_source(source: BundleSource) -> tuple[bytes, str]:
     else:
         p = Path(source)
         if not p.is_file():
-            raise ContributionError(f"bundle file check failed: {p} does not exist")
+            raise BundleFileError(f"bundle file check failed: {p} does not exist")
         size = p.stat().st_size
         if size > MAX_BUNDLE_BYTES:
-            raise ContributionError(
+            raise BundleSizeError(
                 f"bundle size check failed: {p} is {size} bytes, above the {MAX_BUNDLE_BYTES} byte limit"
             )
         data = p.read_bytes()
         name = str(p)
     if len(data) > MAX_BUNDLE_BYTES:
-        raise ContributionError(f"bundle size check failed: {len(data)} bytes, above the {MAX_BUNDLE_BYTES} limit")
+        raise BundleSizeError(f"bundle size check failed: {len(data)} bytes, above the {MAX_BUNDLE_BYTES} limit")
     return data, name
 
 
 def _parse_header(data: bytes, name: str) -> tuple[int, dict[str, Any]]:
     """Read the safetensors JSON header ourselves: bounded, no code execution."""
     if len(data) < 8:
-        raise ContributionError(f"bundle format check failed: {name} is too short to be safetensors")
+        raise BundleFormatError(f"bundle format check failed: {name} is too short to be safetensors")
     (n,) = struct.unpack("<Q", data[:8])
     if n > MAX_HEADER_BYTES or 8 + n > len(data):
-        raise ContributionError(
+        raise BundleFormatError(
             f"bundle format check failed: {name} declares a {n} byte header "
             f"(file {len(data)} bytes, limit {MAX_HEADER_BYTES})"
         )
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ContributionError(f"bundle format check failed: {name} header is not JSON ({exc})") from exc
+    header = parse_json_bounded(
+        data[8 : 8 + n], max_bytes=MAX_HEADER_BYTES, what=f"{name} header", error=BundleFormatError
+    )
     if not isinstance(header, dict):
-        raise ContributionError(f"bundle format check failed: {name} header is not an object")
+        raise BundleFormatError(f"bundle format check failed: {name} header is not an object")
     return n, header
 
 
@@ -273,57 +270,59 @@ def read_bundle(source: BundleSource) -> Bundle:
     header_size, header = _parse_header(data, name)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or META_MANIFEST not in meta or META_SIGNATURE not in meta:
-        raise ContributionError(
+        raise BundleFormatError(
             f"bundle format check failed: {name} has no signed fedarches manifest in its metadata; "
             "it is not a contribution bundle (write one with `fedarches site map`)"
         )
     extra_meta = sorted(set(meta) - {META_MANIFEST, META_SIGNATURE})
     if extra_meta:
-        raise ContributionError(f"bundle content check failed: {name} has unexpected metadata keys {extra_meta}")
+        raise BundleContentError(f"bundle content check failed: {name} has unexpected metadata keys {extra_meta}")
     manifest_text = meta[META_MANIFEST]
     if not isinstance(manifest_text, str):
-        raise ContributionError(f"bundle format check failed: {name} manifest is not text")
+        raise BundleFormatError(f"bundle format check failed: {name} manifest is not text")
     manifest_bytes = manifest_text.encode("utf-8")
     signature = b64decode(str(meta[META_SIGNATURE]), what=f"signature of {name}")
+    raw = parse_json_bounded(
+        manifest_bytes, max_bytes=MAX_HEADER_BYTES, what=f"{name} manifest", error=BundleManifestError
+    )
     try:
-        raw = json.loads(manifest_bytes)
         manifest = BundleManifest.model_validate(raw)
-    except (json.JSONDecodeError, ValidationError) as exc:
-        raise ContributionError(f"bundle manifest check failed: {name}: {exc}") from exc
+    except ValidationError as exc:
+        raise BundleManifestError(f"bundle manifest check failed: {name}: {validation_summary(exc)}") from exc
     if canonical_json(manifest) != manifest_bytes:
-        raise ContributionError(f"bundle manifest check failed: {name} manifest is not canonical JSON")
+        raise BundleManifestError(f"bundle manifest check failed: {name} manifest is not canonical JSON")
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ContributionError(f"bundle format check failed: {name} is not readable safetensors ({exc})") from exc
+        raise BundleFormatError(f"bundle format check failed: {name} is not readable safetensors ({exc})") from exc
     if set(tensors) != set(manifest.tensors):
         missing = sorted(set(manifest.tensors) - set(tensors))
         unsigned = sorted(set(tensors) - set(manifest.tensors))
-        raise VerificationError(
-            f"tensor list check failed for {name}: missing {missing}, not in the signed manifest {unsigned}"
+        raise BundleContentError(
+            f"bundle content check failed: tensor list of {name}: missing {missing}, not in the signed manifest {unsigned}"
         )
     names: set[str] = set()
     for key, t in tensors.items():
         entry = manifest.tensors[key]
         if tensor_sha256(t) != entry.sha256 or list(t.shape) != entry.shape:
-            raise VerificationError(f"tensor hash check failed for {name}: {key} differs from what the manifest signs")
+            raise HashError(f"hash check failed: tensor {key} of {name} differs from what the manifest signs")
         if key.startswith(SHARED_PREFIX):
             if manifest.strategy == "conditions":
-                raise ContributionError(
+                raise BundleContentError(
                     f"bundle content check failed: {name} carries shared tensor {key} but claims strategy 'conditions'"
                 )
             split_shared_key(key)
         else:
             names.add(split_condition_key(key)[1])
     if names != set(manifest.conditions) or manifest.conditions != sorted(manifest.conditions):
-        raise ContributionError(
+        raise BundleContentError(
             f"bundle content check failed: {name} names conditions {manifest.conditions} "
             f"but holds tensors for {sorted(names)}"
         )
     for cname in manifest.conditions:
         check_condition_name(cname)
     if sanitize_metrics(manifest.metrics) != dict(manifest.metrics):
-        raise ContributionError(
+        raise BundleMetricsError(
             f"bundle metrics check failed: {name} reports metrics that are not small finite scalars "
             f"(at most {MAX_METRICS}, text up to {MAX_METRIC_TEXT} characters)"
         )

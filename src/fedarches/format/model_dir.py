@@ -9,10 +9,7 @@ layer uses exactly these bytes to name atlas versions.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from fedarches import __version__
 from fedarches.config import ModelConfig, TrainConfig
-from fedarches.errors import ModelFileError
-from fedarches.format.canonical import canonical_json, sha256_file
+from fedarches.atomic import replace_dir, staged_dir
+from fedarches.errors import BlobHashError, ManifestError, ModelDirError, OutputPathError
+from fedarches.format.canonical import canonical_json, parse_json_bounded, sha256_file, validation_summary
 
 MODEL_FORMAT = "fedarches.model/1"
 MANIFEST = "manifest.json"
@@ -31,6 +29,9 @@ WEIGHTS = "weights.safetensors"
 CONDITIONS = "conditions.safetensors"
 REFERENCE = "reference.safetensors"
 BLOB_FILES = (WEIGHTS, CONDITIONS, REFERENCE)
+#: Largest manifest accepted (model or published version manifest): a
+#: 30,000-gene model with thousands of conditions stays far below it.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 
 class ModelManifest(BaseModel):
@@ -50,17 +51,6 @@ class ModelManifest(BaseModel):
     files: dict[str, str] = {}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_model_dir(
     path: str | os.PathLike[str],
     manifest: ModelManifest,
@@ -74,11 +64,13 @@ def save_model_dir(
     """
     target = Path(path)
     unknown = set(blobs) - set(BLOB_FILES)
-    if unknown:
+    if unknown:  # a caller bug, not a user's input
         raise ValueError(f"unknown blob files {sorted(unknown)}; expected some of {BLOB_FILES}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    if target.exists() and not (target / MANIFEST).exists() and (not target.is_dir() or any(target.iterdir())):
+        raise OutputPathError(
+            f"output path check failed: {target} exists and is not a fedarches model directory; choose another --out"
+        )
+    with staged_dir(target) as tmp:
         files: dict[str, str] = {}
         for name in BLOB_FILES:
             if name not in blobs:
@@ -88,26 +80,8 @@ def save_model_dir(
             files[name] = sha256_file(tmp / name)
         manifest = manifest.model_copy(update={"files": files})
         (tmp / MANIFEST).write_bytes(canonical_json(manifest))
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        if target.exists():
-            if not (target / MANIFEST).exists() and any(target.iterdir()):
-                raise ModelFileError(
-                    f"{target} exists and is not a fedarches model directory; choose another --out"
-                )
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_dir(tmp, target)
+    return manifest
 
 
 def read_manifest(path: str | os.PathLike[str]) -> ModelManifest:
@@ -115,24 +89,22 @@ def read_manifest(path: str | os.PathLike[str]) -> ModelManifest:
     d = Path(path)
     mpath = d / MANIFEST
     if not d.is_dir():
-        raise ModelFileError(f"model directory {d} does not exist")
+        raise ModelDirError(f"model directory check failed: {d} does not exist")
     if not mpath.is_file():
-        raise ModelFileError(
-            f"{d} is not a fedarches model directory (no {MANIFEST}); pass the --out of train-reference or map"
+        raise ModelDirError(
+            f"model directory check failed: {d} is not a fedarches model directory (no {MANIFEST}); pass the --out of train-reference or map"
         )
-    try:
-        raw = json.loads(mpath.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{mpath} is not valid JSON ({exc}); the model directory is corrupt") from exc
+    raw = parse_json_bounded(
+        mpath.read_bytes(), max_bytes=MAX_MANIFEST_BYTES, what=f"{mpath} (the model directory is corrupt)",
+        error=ManifestError,
+    )
     if not isinstance(raw, dict) or raw.get("format") != MODEL_FORMAT:
         fmt = raw.get("format") if isinstance(raw, dict) else None
-        raise ModelFileError(f"{mpath} has format {fmt!r}, expected {MODEL_FORMAT!r}: not a fedarches model")
+        raise ManifestError(f"manifest check failed: {mpath} has format {fmt!r}, expected {MODEL_FORMAT!r}: not a fedarches model")
     try:
         return ModelManifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ModelFileError(f"{mpath} is invalid at {loc}: {first['msg']}") from exc
+        raise ManifestError(f"manifest check failed: {mpath} is {validation_summary(exc)}") from exc
 
 
 def load_model_dir(path: str | os.PathLike[str]) -> tuple[ModelManifest, dict[str, dict[str, torch.Tensor]]]:
@@ -141,22 +113,23 @@ def load_model_dir(path: str | os.PathLike[str]) -> tuple[ModelManifest, dict[st
     manifest = read_manifest(d)
     for required in (WEIGHTS, CONDITIONS):
         if required not in manifest.files:
-            raise ModelFileError(f"{d / MANIFEST} lists no {required}; the model directory is incomplete")
+            raise ModelDirError(f"model directory check failed: {d / MANIFEST} lists no {required}; the model directory is incomplete")
     blobs: dict[str, dict[str, torch.Tensor]] = {}
     for name, digest in manifest.files.items():
         if name not in BLOB_FILES:
-            raise ModelFileError(f"{d / MANIFEST} names unexpected file {name!r}")
+            raise ManifestError(f"manifest check failed: {d / MANIFEST} names unexpected file {name!r}")
         fpath = d / name
         if not fpath.is_file():
-            raise ModelFileError(f"{fpath} is missing; the model directory is incomplete")
+            raise ModelDirError(f"model directory check failed: {fpath} is missing; the model directory is incomplete")
         actual = sha256_file(fpath)
         if actual != digest:
-            raise ModelFileError(
-                f"{fpath} fails its sha256 check (manifest {digest[:12]}..., file {actual[:12]}...): "
+            raise BlobHashError(
+                f"blob hash check failed: {fpath} fails its sha256 check "
+                f"(manifest {digest[:12]}..., file {actual[:12]}...): "
                 "the file was changed or corrupted; fetch or copy the model again"
             )
         try:
             blobs[name] = load_file(str(fpath))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelFileError(f"{fpath} is not a readable safetensors file: {exc}") from exc
+            raise BlobHashError(f"blob hash check failed: {fpath} is not a readable safetensors file: {exc}") from exc
     return manifest, blobs

@@ -4,7 +4,7 @@ Why Ed25519: signatures are 64 bytes, keys 32 bytes, verification is fast and
 deterministic, and the `cryptography` package implements it without options to
 get wrong (no padding, no hash choice). Why canonical JSON: a signature is over
 bytes, so the signer and the verifier must turn the same object into the same
-bytes; sorted keys, no whitespace and UTF-8 (``storage.canonical_json``) make
+bytes; sorted keys, no whitespace and UTF-8 (``format.canonical.canonical_json``) make
 that hold across machines and Python versions.
 
 Key files:
@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel
 
-from fedarches.errors import VerificationError
+from fedarches.atomic import write_bytes
+from fedarches.errors import CanonicalJSONError, KeyFileError, SignatureError
 from fedarches.format.canonical import canonical_json
 
 PRIVATE_KEY_FILE = "site.key"
@@ -59,16 +60,16 @@ class PublicKey:
         return self.key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def verify(self, data: bytes, signature: bytes, *, what: str = "data") -> None:
-        """Raise ``VerificationError`` unless ``signature`` is this key's signature of ``data``."""
+        """Raise ``SignatureError`` unless ``signature`` is this key's signature of ``data``."""
         if len(signature) != SIGNATURE_BYTES:
-            raise VerificationError(
+            raise SignatureError(
                 f"signature check failed for {what}: the signature is {len(signature)} bytes, "
                 f"an Ed25519 signature is {SIGNATURE_BYTES}"
             )
         try:
             self.key.verify(signature, data)
         except InvalidSignature:
-            raise VerificationError(
+            raise SignatureError(
                 f"signature check failed for {what}: not signed by key {self.key_id[:16]}... "
                 "(the content was changed after signing, or another key signed it)"
             ) from None
@@ -128,7 +129,7 @@ def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> Path:
     """Write ``key`` as PEM with mode 0600; its directory is created 0700."""
     p = Path(path)
     if p.exists():
-        raise VerificationError(
+        raise KeyFileError(
             f"key file check failed: {p} already exists; refusing to overwrite a private key "
             "(move it away first if you really mean to replace it)"
         )
@@ -138,13 +139,7 @@ def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> Path:
 
 
 def write_public_key(path: str | os.PathLike[str], key: PublicKey) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    _write_new_file(tmp, key.pem(), 0o644)
-    os.replace(tmp, p)
-    return p
+    return write_bytes(path, key.pem(), mode=0o644)
 
 
 def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
@@ -155,18 +150,18 @@ def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
     """
     p = Path(path)
     if not p.is_file():
-        raise VerificationError(f"key file check failed: private key {p} does not exist")
+        raise KeyFileError(f"key file check failed: private key {p} does not exist")
     mode = stat.S_IMODE(p.stat().st_mode)
     if mode & 0o077:
-        raise VerificationError(
+        raise KeyFileError(
             f"key file check failed: private key {p} has mode {mode:o}, readable by others; run `chmod 600 {p}`"
         )
     try:
         key = serialization.load_pem_private_key(p.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
-        raise VerificationError(f"key file check failed: {p} is not a PEM private key ({exc})") from exc
+        raise KeyFileError(f"key file check failed: {p} is not a PEM private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise VerificationError(f"key file check failed: {p} is not an Ed25519 key")
+        raise KeyFileError(f"key file check failed: {p} is not an Ed25519 key")
     return PrivateKey(key)
 
 
@@ -174,16 +169,16 @@ def public_key_from_pem(data: bytes, *, source: str = "public key") -> PublicKey
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
-        raise VerificationError(f"key file check failed: {source} is not a PEM public key ({exc})") from exc
+        raise KeyFileError(f"key file check failed: {source} is not a PEM public key ({exc})") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise VerificationError(f"key file check failed: {source} is not an Ed25519 public key")
+        raise KeyFileError(f"key file check failed: {source} is not an Ed25519 public key")
     return PublicKey(key)
 
 
 def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
     p = Path(path)
     if not p.is_file():
-        raise VerificationError(f"key file check failed: public key {p} does not exist")
+        raise KeyFileError(f"key file check failed: public key {p} does not exist")
     return public_key_from_pem(p.read_bytes(), source=str(p))
 
 
@@ -203,9 +198,9 @@ def verify_canonical(key: PublicKey, data: bytes, signature: bytes, *, what: str
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VerificationError(f"canonical JSON check failed for {what}: not JSON ({exc})") from exc
+        raise CanonicalJSONError(f"canonical JSON check failed for {what}: not JSON ({exc})") from exc
     if canonical_json(obj) != data:
-        raise VerificationError(f"canonical JSON check failed for {what}: bytes are not canonical JSON")
+        raise CanonicalJSONError(f"canonical JSON check failed for {what}: bytes are not canonical JSON")
 
 
 def b64encode(data: bytes) -> str:
@@ -216,7 +211,7 @@ def b64decode(text: str, *, what: str = "signature") -> bytes:
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (ValueError, UnicodeEncodeError) as exc:
-        raise VerificationError(f"signature check failed: {what} is not base64 ({exc})") from exc
+        raise SignatureError(f"signature check failed: {what} is not base64 ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -233,7 +228,7 @@ def keygen(out_dir: str | os.PathLike[str]) -> SiteKeyPaths:
     d = Path(out_dir)
     priv = d / PRIVATE_KEY_FILE
     if priv.exists():
-        raise VerificationError(
+        raise KeyFileError(
             f"key file check failed: {priv} already exists; this directory already holds a site key "
             "(use it, or choose another --out)"
         )

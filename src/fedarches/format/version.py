@@ -22,19 +22,24 @@ TUF target paths (the published repository, see ``server/repository.py``):
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedarches.errors import ModelFileError, VerificationError
-from fedarches.format.model_dir import MANIFEST, ModelManifest, load_model_dir
-from fedarches.format.canonical import canonical_json, sha256_bytes
+from fedarches.atomic import replace_dir, staged_dir
+from fedarches.errors import (
+    FedarchesError,
+    LineageError,
+    ModelDirError,
+    OutputPathError,
+    UnknownVersionError,
+    VersionManifestError,
+)
+from fedarches.format.canonical import canonical_json, parse_json_bounded, sha256_bytes, validation_summary
+from fedarches.format.model_dir import MANIFEST, MAX_MANIFEST_BYTES, ModelManifest, load_model_dir, read_manifest
 
 VERSION_FORMAT = "fedarches.atlas-version/1"
 LINEAGE_FORMAT = "fedarches.lineage/1"
@@ -105,29 +110,26 @@ class AtlasVersion(BaseModel):
         """Internal consistency: the records, the model manifest and the blob list agree."""
         names = self.condition_names()
         if names != list(self.model.conditions):
-            raise VerificationError(
+            raise VersionManifestError(
                 f"version manifest check failed: version {self.number} lists conditions {names} "
                 f"but its model holds {self.model.conditions}"
             )
         if len(set(names)) != len(names):
-            raise VerificationError(f"version manifest check failed: version {self.number} repeats a condition")
+            raise VersionManifestError(f"version manifest check failed: version {self.number} repeats a condition")
         if {k: v.sha256 for k, v in self.blobs.items()} != dict(self.model.files):
-            raise VerificationError(
+            raise VersionManifestError(
                 f"version manifest check failed: version {self.number} blob list disagrees with its model files"
             )
 
     @classmethod
     def from_bytes(cls, data: bytes, *, expected_id: str | None = None) -> AtlasVersion:
         """Parse a published manifest; the bytes must be canonical and hash to ``expected_id``."""
-        try:
-            version = cls.model_validate(json.loads(data))
-        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
-            raise VerificationError(f"version manifest check failed: not a fedarches atlas version ({exc})") from exc
+        version = _parse(cls, data, what="the version manifest", error=VersionManifestError)
         if version.canonical() != data:
-            raise VerificationError("version manifest check failed: the bytes are not canonical JSON")
+            raise VersionManifestError("version manifest check failed: the bytes are not canonical JSON")
         if expected_id is not None and version.id != expected_id:
-            raise VerificationError(
-                f"version id check failed: manifest hashes to {version.id[:16]}..., expected {expected_id[:16]}..."
+            raise VersionManifestError(
+                f"version manifest check failed: the manifest hashes to {version.id[:16]}..., expected {expected_id[:16]}..."
             )
         version.check()
         return version
@@ -169,7 +171,7 @@ class Lineage(BaseModel):
             if v.number == number:
                 return v
         have = ", ".join(str(v.number) for v in self.versions) or "none"
-        raise VerificationError(f"version check failed: the atlas has no version {number} (published: {have})")
+        raise UnknownVersionError(f"version check failed: the atlas has no version {number} (published: {have})")
 
     def by_id(self, version_id: str) -> LineageEntry | None:
         for v in self.versions:
@@ -187,13 +189,10 @@ class Lineage(BaseModel):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Lineage:
-        try:
-            lineage = cls.model_validate(json.loads(data))
-        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as exc:
-            raise VerificationError(f"lineage check failed: lineage.json is not a fedarches lineage ({exc})") from exc
+        lineage = _parse(cls, data, what=LINEAGE_TARGET, error=LineageError)
         numbers = [v.number for v in lineage.versions]
         if numbers != sorted(set(numbers)):
-            raise VerificationError("lineage check failed: version numbers are not strictly increasing")
+            raise LineageError("lineage check failed: version numbers are not strictly increasing")
         return lineage
 
 
@@ -202,7 +201,7 @@ def entry_for(version: AtlasVersion, lineage: Lineage, published: str) -> Lineag
     for pid in version.parents:
         p = lineage.by_id(pid)
         if p is None:
-            raise VerificationError(
+            raise LineageError(
                 f"lineage check failed: parent {pid[:16]}... of version {version.number} is unknown"
             )
         numbers.append(p.number)
@@ -228,45 +227,44 @@ def write_model_dir(out_dir: str | os.PathLike[str], version: AtlasVersion, blob
     """
     target = Path(out_dir)
     if target.exists() and not target.is_dir():
-        raise ModelFileError(f"{target} exists and is not a directory; choose another --out")
+        raise OutputPathError(f"output path check failed: {target} exists and is not a directory; choose another --out")
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise ModelFileError(f"{target} exists and is not a fedarches model directory; choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+        raise OutputPathError(
+            f"output path check failed: {target} exists and is not a fedarches model directory; choose another --out"
+        )
+    with staged_dir(target) as tmp:
         for name, data in blobs.items():
             (tmp / name).write_bytes(data)
         (tmp / MANIFEST).write_bytes(canonical_json(version.model))
         (tmp / ATLAS_VERSION_FILE).write_bytes(version.canonical())
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
         load_model_dir(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        return target
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_dir(tmp, target)
+    return target
 
 
 def read_atlas_version(model_dir: str | os.PathLike[str]) -> AtlasVersion:
     """The version manifest a fetched model directory came from (id recomputed from its bytes)."""
     p = Path(model_dir) / ATLAS_VERSION_FILE
     if not p.is_file():
-        raise ModelFileError(
-            f"{model_dir} has no {ATLAS_VERSION_FILE}: it was not fetched from an atlas (use `fedarches site fetch`)"
+        raise ModelDirError(
+            f"model directory check failed: {model_dir} has no {ATLAS_VERSION_FILE}: it was not fetched from an atlas (use `fedarches site fetch`)"
         )
     version = AtlasVersion.from_bytes(p.read_bytes())
-    manifest = ModelManifest.model_validate_json((Path(model_dir) / MANIFEST).read_bytes())
+    manifest = read_manifest(model_dir)
     if canonical_json(manifest) != canonical_json(version.model):
-        raise VerificationError(
+        raise VersionManifestError(
             f"version manifest check failed: {model_dir}/{MANIFEST} differs from {ATLAS_VERSION_FILE}"
         )
     return version
+
+
+_Parsed = Union["AtlasVersion", "Lineage"]
+
+
+def _parse(cls: type[_Parsed], data: bytes, *, what: str, error: type[FedarchesError]) -> _Parsed:
+    """Bounded JSON, then the model: every failure is one line of ``error``."""
+    raw = parse_json_bounded(data, max_bytes=MAX_MANIFEST_BYTES, what=what, error=error)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise error(f"{error.check} failed: {what} is not a fedarches {cls.__name__} ({validation_summary(exc)})") from exc
