@@ -24,7 +24,8 @@ INDIRECT = {
     "scikit-misc": "scanpy's seurat_v3 highly-variable-gene flavour imports skmisc (loess)",
 }
 # Modules that are not distributions of their own name (first-party, test helpers).
-LOCAL_TEST_MODULES = {"conftest", "test_atlas_support", "fedarches"}
+# tests import each other's helpers (conftest, test_atlas_support, ...): every module of tests/ is local
+LOCAL_TEST_MODULES = {"fedarches"} | {p.stem for p in (Path(__file__).parent).glob("*.py")}
 
 
 def _norm(name: str) -> str:
