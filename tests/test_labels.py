@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from fedarches.errors import InputDataError
-from fedarches.labels.transfer import (
-    KIND_OWN_QUANTILE,
-    KIND_SCALED,
-    MODE_CROSS_STUDY,
-    MODE_LEAVE_ONE_OUT,
-    UNKNOWN,
-    KNNLabelTransfer,
-)
+from fedarches.errors import ColumnError, InputDataError, LabelStateError, LatentError, SettingError
+from fedarches.labels import UNKNOWN, ClassGaussianNovelty, KNNLabelTransfer
+from fedarches.labels.calibration import KIND_OWN_QUANTILE, KIND_SCALED, MODE_CROSS_STUDY, MODE_LEAVE_ONE_OUT
 
 TYPES = np.array([f"type_{c}" for c in "ABCDEF"])
 
@@ -130,9 +124,9 @@ def test_unseen_type_next_to_a_known_one_is_called_unknown_but_shifted_known_typ
     assert (res.prediction[~unseen] == truth[~unseen]).mean() >= 0.95
     # A has 75 reference cells (< min_label_cells): its threshold uses the per-label scale model
     a = lt.label_categories.index("type_A")
-    assert lt.label_threshold_kind[a] == KIND_SCALED
-    assert lt.label_threshold_kind[lt.label_categories.index("type_B")] == KIND_OWN_QUANTILE
-    assert (lt.label_calibration_mode == MODE_CROSS_STUDY).all()
+    assert lt.thresholds.label_threshold_kind[a] == KIND_SCALED
+    assert lt.thresholds.label_threshold_kind[lt.label_categories.index("type_B")] == KIND_OWN_QUANTILE
+    assert (lt.thresholds.label_calibration_mode == MODE_CROSS_STUDY).all()
 
 
 def test_cross_study_false_positive_rate_is_near_fpr():
@@ -160,7 +154,7 @@ def test_leave_one_out_false_positive_rate_on_held_out_reference_cells():
     z, labels = z[keep], labels[keep]
     held = np.random.default_rng(0).random(z.shape[0]) < 0.25
     lt = KNNLabelTransfer(workers=1).fit(z[~held], labels[~held], fpr=0.05)
-    assert (lt.label_calibration_mode == MODE_LEAVE_ONE_OUT).all()
+    assert (lt.thresholds.label_calibration_mode == MODE_LEAVE_ONE_OUT).all()
     res = lt.predict(z[held])
     rate = (res.distance_score > 1).mean()
     assert 0.025 <= rate <= 0.09, rate
@@ -188,8 +182,8 @@ def test_label_seen_in_one_study_is_calibrated_leave_one_out():
     only_one = (labels != "type_C") | (studies == "study_0")  # type_C only in study_0
     lt = KNNLabelTransfer(workers=1).fit(z[only_one], labels[only_one], ref_batches=studies[only_one])
     c = lt.label_categories.index("type_C")
-    assert lt.label_calibration_mode[c] == MODE_LEAVE_ONE_OUT
-    assert lt.label_calibration_mode[lt.label_categories.index("type_B")] == MODE_CROSS_STUDY
+    assert lt.thresholds.label_calibration_mode[c] == MODE_LEAVE_ONE_OUT
+    assert lt.thresholds.label_calibration_mode[lt.label_categories.index("type_B")] == MODE_CROSS_STUDY
 
 
 # ----------------------------------------------------------------------------- state
@@ -216,11 +210,11 @@ def test_state_round_trips_through_safetensors(tmp_path):
 
     relabelled = labels[ref].copy()
     relabelled[:10] = "type_B"
-    with pytest.raises(InputDataError, match="per-label cell counts differ"):
+    with pytest.raises(LabelStateError, match="per-label cell counts differ"):
         KNNLabelTransfer.from_state(z[ref], relabelled, loaded, workers=1)
-    with pytest.raises(InputDataError, match="missing"):
+    with pytest.raises(LabelStateError, match="missing"):
         KNNLabelTransfer.from_state(z[ref], labels[ref], {"k": loaded["k"]}, workers=1)
-    with pytest.raises(InputDataError, match="fitted on"):
+    with pytest.raises(LabelStateError, match="fitted on"):
         KNNLabelTransfer.from_state(z[ref][:-1], labels[ref][:-1], loaded, workers=1)
 
 
@@ -239,22 +233,22 @@ def test_int_labels_and_explicit_categories():
 def test_bad_input_is_refused_with_a_reason():
     z, labels, studies = atlas(4, n_studies=2)
     lt = KNNLabelTransfer(workers=1)
-    with pytest.raises(InputDataError, match="not fitted"):
+    with pytest.raises(LabelStateError, match="not fitted"):
         lt.predict(z)
     bad = z.copy()
     bad[3, 2] = np.nan
-    with pytest.raises(InputDataError, match="NaN"):
+    with pytest.raises(LatentError, match="NaN"):
         lt.fit(bad, labels)
-    with pytest.raises(InputDataError, match="entries"):
+    with pytest.raises(ColumnError, match="entries"):
         lt.fit(z, labels[:-1])
-    with pytest.raises(InputDataError, match="missing values"):
+    with pytest.raises(ColumnError, match="missing values"):
         lt.fit(z, np.where(np.arange(len(labels)) == 5, None, labels).astype(object))
-    with pytest.raises(InputDataError, match="fpr"):
+    with pytest.raises(SettingError, match="fpr"):
         lt.fit(z, labels, fpr=1.5)
-    with pytest.raises(InputDataError, match="not in label_categories"):
+    with pytest.raises(ColumnError, match="not in label_categories"):
         lt.fit(z, labels, label_categories=["type_A"])
     lt.fit(z, labels, ref_batches=studies)
-    with pytest.raises(InputDataError, match="dimensions"):
+    with pytest.raises(LatentError, match="dimensions"):
         lt.predict(z[:, :3])
 
 
@@ -290,12 +284,12 @@ def test_approximate_index_agrees_with_exact_and_is_repeatable():
     assert (a.prediction == e.prediction).mean() >= 0.99
     # nprobe is tuned on what label transfer reads: labels (above), the k_novelty nearest
     # (the distance statistic) and, more loosely, recall@k (the label weights)
-    _, ia = approx._ivf.search(q, approx.k)
-    _, ie = exact._tree.query(q, k=exact.k)
+    _, ia = approx.index.ivf.search(q, approx.k)
+    _, ie = exact.index.tree.query(q, k=exact.k)
     assert (ia[:, :, None] == ie[:, None, :]).any(axis=2).mean() >= 0.85
     kn = approx.k_novelty
     assert (ia[:, :kn, None] == ie[:, None, :kn]).any(axis=2).mean() >= 0.95
-    assert approx._ivf.label_agreement >= 0.995 and approx._ivf.recall_novelty >= 0.95
+    assert approx.index.ivf.label_agreement >= 0.995 and approx.index.ivf.recall_novelty >= 0.95
     # repeatable: a second fit, and a rebuild from the state, give identical output
     again = KNNLabelTransfer(workers=2, method="ivf").fit(z[ref], labels[ref], ref_batches=studies[ref])
     rebuilt = KNNLabelTransfer.from_state(z[ref], labels[ref], approx.state(), workers=2, method="ivf")
@@ -310,8 +304,8 @@ def test_approximate_index_agrees_with_exact_and_is_repeatable():
 def test_auto_method_is_exact_for_small_references():
     z, labels, _ = atlas(6, n_studies=1)
     lt = KNNLabelTransfer(workers=1).fit(z, labels)
-    assert lt.method == KNNLabelTransfer.EXACT_METHOD and lt._ivf is None
-    with pytest.raises(InputDataError, match="method"):
+    assert lt.method == KNNLabelTransfer.EXACT_METHOD and lt.index.ivf is None
+    with pytest.raises(SettingError, match="method"):
         KNNLabelTransfer(method="annoy")
 
 
@@ -328,3 +322,20 @@ def test_k_is_capped_so_a_small_label_can_win_its_cells():
     right_capped = (capped.predict(query).knn_prediction == "small").mean()
     right_fixed = (fixed.predict(query).knn_prediction == "small").mean()
     assert right_capped > right_fixed and right_capped >= 0.8, (right_capped, right_fixed)
+
+
+def test_errors_name_their_check_and_stay_input_errors():
+    z, labels, _ = atlas(3, n_studies=1)
+    codes = np.searchsorted(TYPES, labels)
+    with pytest.raises(SettingError, match="^setting check failed: fpr"):
+        ClassGaussianNovelty().fit(z, codes, len(TYPES), fpr=0.0)
+    with pytest.raises(SettingError, match="workers"):
+        KNNLabelTransfer(workers=0)
+    with pytest.raises(LatentError, match="^latent check failed"):
+        KNNLabelTransfer(workers=1).fit(z[:, :0], labels)
+    for cls in (SettingError, LatentError, ColumnError, LabelStateError):
+        assert issubclass(cls, InputDataError)
+    lt = KNNLabelTransfer(workers=1).fit(z, labels)
+    assert lt.min_label_cells == 100  # the default in effect for fit
+    with pytest.raises(TypeError):
+        KNNLabelTransfer.from_state(z, labels, lt.state(), cap_k=True)  # removed: it was ignored

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import entropy
 from sklearn.neighbors import NearestNeighbors
 
-from fedarches.errors import InputDataError
+from fedarches.errors import ColumnError, LatentError
 from fedarches.metrics import entropy_batch_mixing, integration_metrics, knn_purity
 
 
@@ -84,13 +84,13 @@ def test_undefined_metrics_are_nan_and_bad_input_is_refused():
     z, _, labels = clusters(n=300)
     one_batch = integration_metrics(z, np.zeros(300), labels, workers=1)
     assert np.isnan(one_batch["ebm"]) and np.isnan(one_batch["asw_batch"])
-    with pytest.raises(InputDataError, match="entries"):
+    with pytest.raises(ColumnError, match="entries"):
         integration_metrics(z, np.zeros(299), labels)
     bad = z.copy()
     bad[0, 0] = np.inf
-    with pytest.raises(InputDataError, match="NaN or infinite"):
+    with pytest.raises(LatentError, match="NaN or infinite"):
         integration_metrics(bad, np.zeros(300), labels)
-    with pytest.raises(InputDataError, match="missing"):
+    with pytest.raises(ColumnError, match="missing"):
         integration_metrics(z, np.zeros(300), np.where(np.arange(300) == 1, None, labels).astype(object))
 
 

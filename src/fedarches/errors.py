@@ -90,6 +90,18 @@ class UnknownConditionError(InputDataError):
     check = "known condition check"
 
 
+class LatentError(InputDataError):
+    """A latent matrix (cells x dims) is not numeric, not 2-D, not finite or has the wrong dimensions."""
+
+    check = "latent check"
+
+
+class LabelStateError(InputDataError):
+    """A label-transfer state is missing, incomplete or belongs to another reference."""
+
+    check = "label transfer state check"
+
+
 class OutputPathError(InputDataError):
     """An output path exists and is not something this command may replace."""
 

@@ -34,14 +34,11 @@ Large inputs are subsampled deterministically (``seed``): kNN purity queries at
 most ``max_cells`` cells (stratified by label, neighbours still searched among all
 cells); silhouettes and KMeans use at most ``max_cells`` cells (stratified by
 label, every label keeping at least ``min(n_label, 50)`` cells). EBM only ever
-queries ``n_pools * pool_size`` cells. Measured on the shared 2-core project
-machine (load ~5, so an upper bound): 1M cells x 10 dims, 20 labels, 4 batches,
-``workers=2``: 29 s for all six metrics; 1k cells: 0.3 s.
+queries ``n_pools * pool_size`` cells (timings: docs/LABELS.md).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -53,7 +50,8 @@ from sklearn.metrics import (
     silhouette_samples,
 )
 
-from fedarches.errors import InputDataError
+from fedarches.errors import EmptyDataError, SettingError
+from fedarches.neighbours import as_latent, drop_self, encode_labels, kd_tree, resolve_workers, stratified_sample
 
 __all__ = [
     "clustering_scores",
@@ -64,75 +62,28 @@ __all__ = [
     "silhouette_celltype",
 ]
 
-_LEAFSIZE = 64
-
 
 # ----------------------------------------------------------------------------- input
 
 
 def _latent(latent: Any) -> np.ndarray:
-    try:
-        z = np.asarray(latent, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputDataError(f"latent must be a numeric matrix (cells x dims): {exc}") from None
-    if z.ndim != 2 or z.shape[1] == 0:
-        raise InputDataError(f"latent must be 2-D (cells x dims), got shape {z.shape}")
+    z = as_latent(latent, "latent")
     if z.shape[0] < 3:
-        raise InputDataError(f"integration metrics need at least 3 cells, got {z.shape[0]}")
-    if not np.isfinite(z).all():
-        raise InputDataError("latent contains NaN or infinite values; drop those cells or fix the embedding")
-    return np.ascontiguousarray(z)
+        raise EmptyDataError(f"data shape check failed: integration metrics need at least 3 cells, got {z.shape[0]}")
+    return z
 
 
 def _codes(values: Any, n: int, what: str) -> tuple[np.ndarray, int]:
-    raw = np.asarray(values)
-    if raw.ndim != 1:
-        raw = raw.ravel()
-    if raw.shape[0] != n:
-        raise InputDataError(f"{what} has {raw.shape[0]} entries but the latent has {n} cells")
-    if raw.dtype.kind == "f" and np.isnan(raw).any():
-        raise InputDataError(f"{what} has missing values; drop those cells first")
-    if raw.dtype.kind == "O" and any(v is None or (isinstance(v, float) and np.isnan(v)) for v in raw):
-        raise InputDataError(f"{what} has missing values; drop those cells first")
-    uniq, inv = np.unique(raw.astype(str), return_inverse=True)
-    return inv.ravel().astype(np.int64), int(uniq.size)
-
-
-def _workers(workers: int) -> int:
-    if workers == 0 or workers < -1:
-        raise InputDataError(f"workers must be -1 (all cores) or a positive integer, got {workers}")
-    return workers if workers > 0 else (os.cpu_count() or 1)
+    cats, codes = encode_labels(values, n, what=what)
+    return codes, len(cats)
 
 
 def _neighbours(tree: cKDTree, z: np.ndarray, cells: np.ndarray, k: int, workers: int) -> np.ndarray:
-    """Indices of the k nearest neighbours of ``cells`` (rows of z), the cell itself excluded.
-
-    Queries k+1 and drops the cell's own index; if ties pushed the cell out of its
-    own k+1 list (duplicates at distance 0), the farthest of the k+1 is dropped.
-    """
+    """Indices of the k nearest neighbours of ``cells`` (rows of z), the cell itself excluded."""
     kk = min(k + 1, z.shape[0])
-    _, idx = tree.query(z[cells], k=kk, workers=workers)
+    d, idx = tree.query(z[cells], k=kk, workers=workers)
     idx = np.asarray(idx, dtype=np.int64).reshape(len(cells), kk)
-    drop = idx == cells[:, None]
-    no_self = ~drop.any(axis=1)
-    drop[no_self, -1] = True
-    return idx[~drop].reshape(len(cells), kk - 1)
-
-
-def _stratified(codes: np.ndarray, n_groups: int, max_cells: int, rng: np.random.Generator,
-                min_per_group: int) -> np.ndarray:
-    """Sorted cell indices: all cells if few, else a per-group proportional sample."""
-    n = codes.shape[0]
-    if n <= max_cells:
-        return np.arange(n)
-    keep = []
-    for g in range(n_groups):
-        members = np.flatnonzero(codes == g)
-        if members.size == 0:
-            continue
-        m = min(members.size, max(round(max_cells * members.size / n), min_per_group))
-        keep.append(rng.choice(members, size=m, replace=False))
-    return np.sort(np.concatenate(keep))
+    return drop_self(np.asarray(d).reshape(len(cells), kk), idx, cells)[1]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -145,7 +96,7 @@ def _ebm(z: np.ndarray, codes: np.ndarray, n_b: int, tree: cKDTree, k: int, n_po
     if n_b < 2:
         return float("nan")
     if k < 1 or n_pools < 1 or pool_size < 1:
-        raise InputDataError("k, n_pools and pool_size must be positive")
+        raise SettingError("setting check failed: k, n_pools and pool_size must be positive")
     n = z.shape[0]
     k = min(k, n - 1)
     rng = np.random.default_rng(seed)
@@ -163,9 +114,9 @@ def _ebm(z: np.ndarray, codes: np.ndarray, n_b: int, tree: cKDTree, k: int, n_po
 def _purity(z: np.ndarray, codes: np.ndarray, n_l: int, tree: cKDTree, k: int, max_cells: int,
             seed: int, workers: int) -> float:
     if k < 1:
-        raise InputDataError(f"k_purity must be positive, got {k}")
+        raise SettingError(f"setting check failed: k_purity must be positive, got {k}")
     k = min(k, z.shape[0] - 1)
-    cells = _stratified(codes, n_l, max_cells, np.random.default_rng(seed), min_per_group=50)
+    cells = stratified_sample(codes, n_l, max_cells, np.random.default_rng(seed), min_per_group=50)
     nbr = _neighbours(tree, z, cells, k, workers)
     own = codes[cells]
     per_cell = (codes[nbr] == own[:, None]).mean(axis=1)
@@ -176,7 +127,7 @@ def _purity(z: np.ndarray, codes: np.ndarray, n_l: int, tree: cKDTree, k: int, m
 
 
 def _asw_celltype(z: np.ndarray, codes: np.ndarray, n_l: int, max_cells: int, seed: int) -> float:
-    cells = _stratified(codes, n_l, max_cells, np.random.default_rng(seed), min_per_group=50)
+    cells = stratified_sample(codes, n_l, max_cells, np.random.default_rng(seed), min_per_group=50)
     sub = codes[cells]
     if not 2 <= np.unique(sub).size < cells.size:
         return float("nan")
@@ -185,7 +136,7 @@ def _asw_celltype(z: np.ndarray, codes: np.ndarray, n_l: int, max_cells: int, se
 
 def _asw_batch(z: np.ndarray, b_codes: np.ndarray, l_codes: np.ndarray, n_l: int, max_cells: int,
                seed: int) -> float:
-    cells = _stratified(l_codes, n_l, max_cells, np.random.default_rng(seed), min_per_group=50)
+    cells = stratified_sample(l_codes, n_l, max_cells, np.random.default_rng(seed), min_per_group=50)
     scores = []
     for y in range(n_l):
         members = cells[l_codes[cells] == y]
@@ -198,7 +149,7 @@ def _asw_batch(z: np.ndarray, b_codes: np.ndarray, l_codes: np.ndarray, n_l: int
 
 
 def _clustering(z: np.ndarray, codes: np.ndarray, n_l: int, max_cells: int, seed: int) -> dict[str, float]:
-    cells = _stratified(codes, n_l, max_cells, np.random.default_rng(seed), min_per_group=50)
+    cells = stratified_sample(codes, n_l, max_cells, np.random.default_rng(seed), min_per_group=50)
     sub = codes[cells]
     n_clusters = int(np.unique(sub).size)
     if n_clusters < 2:
@@ -211,7 +162,7 @@ def _clustering(z: np.ndarray, codes: np.ndarray, n_l: int, max_cells: int, seed
 
 
 def _tree(z: np.ndarray) -> cKDTree:
-    return cKDTree(z, leafsize=_LEAFSIZE, balanced_tree=False)
+    return kd_tree(z, compact_nodes=True)
 
 
 def entropy_batch_mixing(latent: np.ndarray, batch: np.ndarray, *, k: int = 50, n_pools: int = 50,
@@ -219,7 +170,7 @@ def entropy_batch_mixing(latent: np.ndarray, batch: np.ndarray, *, k: int = 50, 
     """EBM in [0, 1] (see module docstring); NaN for a single batch."""
     z = _latent(latent)
     codes, n_b = _codes(batch, z.shape[0], "batch")
-    return _ebm(z, codes, n_b, _tree(z), k, n_pools, pool_size, seed, _workers(workers))
+    return _ebm(z, codes, n_b, _tree(z), k, n_pools, pool_size, seed, resolve_workers(workers))
 
 
 def knn_purity(latent: np.ndarray, labels: np.ndarray, *, k: int = 30, max_cells: int = 20_000,
@@ -227,7 +178,7 @@ def knn_purity(latent: np.ndarray, labels: np.ndarray, *, k: int = 30, max_cells
     """Mean over labels of the mean fraction of same-label neighbours (scArches)."""
     z = _latent(latent)
     codes, n_l = _codes(labels, z.shape[0], "labels")
-    return _purity(z, codes, n_l, _tree(z), k, max_cells, seed, _workers(workers))
+    return _purity(z, codes, n_l, _tree(z), k, max_cells, seed, resolve_workers(workers))
 
 
 def silhouette_celltype(latent: np.ndarray, labels: np.ndarray, *, max_cells: int = 20_000,
@@ -280,7 +231,7 @@ def integration_metrics(
     n = z.shape[0]
     b_codes, n_b = _codes(batch, n, "batch")
     l_codes, n_l = _codes(labels, n, "labels")
-    w = _workers(workers)
+    w = resolve_workers(workers)
     tree = _tree(z)
     out = {
         "ebm": _ebm(z, b_codes, n_b, tree, k, n_pools, pool_size, seed, w),

@@ -25,7 +25,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,84 +209,6 @@ def print_results(report: dict[str, Any], atlas_dir: Path, holdout: str | None) 
     )
 
 
-def draw_umap(atlas_dir: Path, head: int, site_results: dict[str, Path], label_key: str, out_png: Path,
-              seed: int = 0) -> Path:
-    """UMAP of the atlas's reference latent + the sites' cells (from the sites' own results)."""
-    import anndata as ad
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import umap
-
-    from fedarches.model import LATENT_KEY, FedArchesModel
-    from fedarches.server.atlas import Atlas
-
-    model_dir = atlas_dir.parent / f"atlas-v{head}-model"
-    Atlas(atlas_dir).export_model(head, model_dir)
-    model = FedArchesModel.load(model_dir)
-    ref = model.reference
-    if ref is None:
-        raise InputDataError("the atlas has no reference latent (built without --label-key); nothing to draw")
-    latents = [np.asarray(ref.latent, dtype=np.float32)]
-    source = ["atlas (reference)"] * len(ref.latent)
-    labels = [ref.categories[i] for i in np.asarray(ref.labels)]
-    unknown = [False] * len(ref.latent)
-    for site, results in sorted(site_results.items()):
-        for q in sorted(results.glob("map-v*/query.h5ad")):
-            a = ad.read_h5ad(q)
-            latents.append(np.asarray(a.obsm[LATENT_KEY], dtype=np.float32))
-            source += [site] * a.n_obs
-            labels += list(a.obs[label_key].astype(str)) if label_key in a.obs else ["?"] * a.n_obs
-            unk = f"{label_key}_unknown"
-            unknown += list(a.obs[unk].to_numpy(dtype=bool)) if unk in a.obs else [False] * a.n_obs
-    z = np.concatenate(latents)
-    # Exact neighbours with scikit-learn, handed to UMAP: on small data this skips
-    # compiling pynndescent (about half a minute of numba JIT on every fresh process).
-    from sklearn.neighbors import NearestNeighbors
-
-    k = min(15, len(z) - 1)
-    dist, idx = NearestNeighbors(n_neighbors=k).fit(z).kneighbors(z)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "precomputed_knn without a search index" and numba notes
-        emb = umap.UMAP(n_neighbors=k, min_dist=0.3, random_state=seed, n_jobs=1,
-                        precomputed_knn=(idx, dist.astype(np.float32), None)).fit_transform(z)
-    source_a, labels_a, unknown_a = np.array(source), np.array(labels), np.array(unknown)
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    order = np.random.default_rng(seed).permutation(len(z))  # no group hides another
-    for ax, values, title in ((axes[0], source_a, "atlas vs sites"), (axes[1], labels_a, "cell type (true)")):
-        cats = sorted(set(values.tolist()), key=lambda c: (c != "atlas (reference)", c))
-        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
-        colors = {c: cmap(i % cmap.N) for i, c in enumerate(cats)}
-        ax.scatter(emb[order, 0], emb[order, 1], s=3, c=[colors[v] for v in values[order]], alpha=0.8,
-                   linewidths=0)
-        for c in cats:
-            ax.scatter([], [], s=12, color=colors[c], label=c)
-        ax.set_title(title)
-        ax.legend(fontsize=7, loc="best", frameon=False)
-    ax = axes[2]
-    is_site = source_a != "atlas (reference)"
-    ax.scatter(emb[~is_site, 0], emb[~is_site, 1], s=3, color="lightgrey", label="atlas (reference)",
-               linewidths=0)
-    ax.scatter(emb[is_site & ~unknown_a, 0], emb[is_site & ~unknown_a, 1], s=3, color="tab:blue",
-               label="site cell, labelled", linewidths=0, alpha=0.6)
-    ax.scatter(emb[is_site & unknown_a, 0], emb[is_site & unknown_a, 1], s=4, color="tab:red",
-               label="site cell, called unknown", linewidths=0)
-    ax.set_title("label transfer at the sites: unknown-cell calls")
-    ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
-    for a in axes:
-        a.set_xticks([])
-        a.set_yticks([])
-    fig.suptitle(f"fedarches demo: atlas version {head} + site cells (embedded at the sites)")
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -417,8 +338,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     assert head is not None
     if not args.no_plot:
         t = time.perf_counter()
-        png = draw_umap(atlas.path, head.number, {s.site: s.results_dir for s in sites}, lkey,
-                        out / "umap.png", seed=args.seed)
+        from fedarches.plotting import atlas_cells, draw_atlas_umap
+
+        model_dir = atlas.path.parent / f"atlas-v{head.number}-model"
+        atlas.export_model(head.number, model_dir)
+        cells = atlas_cells(model_dir, {s.site: sorted(s.results_dir.glob("map-v*/query.h5ad")) for s in sites}, lkey)
+        png = draw_atlas_umap(cells, out / "umap.png", seed=args.seed,
+                              title=f"fedarches demo: atlas version {head.number} + site cells (embedded at the sites)")
         timings["umap"] = time.perf_counter() - t
         console.print(f"UMAP: {png}")
         console.print("  (site cells are drawn from the sites' own result directories: the demo plays every "

@@ -1,30 +1,22 @@
 """Class-conditional novelty test in latent space.
 
-Why: the paper's kNN uncertainty only compares the labels of a query cell's
-reference neighbours. A cell type the reference never saw, embedded next to one
-known type, gets unanimous neighbours, low uncertainty and a confident wrong
-label. Raw nearest-neighbour distance does not catch it either: on the CellBench
-hold-out split, unseen A549 cells lie no further from their reference neighbours
-than reference cells of one study lie from those of another.
-
-What does separate them is *shape*: each known cell type occupies an elongated
-region of the latent space, and an unseen type sits off every one of them. We fit
-one Gaussian per reference label (mean + OAS-shrunk covariance, so small classes
-get a stable estimate), compute each reference cell's Mahalanobis distance to its
-own label, and take the (1 - fpr) quantile per label as that label's threshold. A
-query cell is novel when no label accepts it: min over labels of distance /
-threshold > 1. By construction, a fraction ``fpr`` of each label's reference
-cells would be called novel, which is the stated false-positive rate.
-
-Measured on CellBench (reference without A549, query = two other plates, fpr
-0.01), combined with the kNN uncertainty: trVAE 0.974 accuracy on known types /
-100% of A549 unknown; NB 0.967 / 95% (examples/cellbench_holdout.py).
+Why: the kNN uncertainty only compares neighbour labels, and raw neighbour
+distance misses unseen types that sit within reference-scale distances of a
+known type. What separates them is *shape*: each known type occupies an elongated
+region, and an unseen type sits off every one of them. One Gaussian per reference
+label (mean + OAS-shrunk covariance, so small classes get a stable estimate); each
+label's threshold is the (1 - fpr) quantile of its own cells' Mahalanobis
+distances, so a fraction ``fpr`` of each label's reference cells would be called
+novel. A query cell is novel when no label accepts it. Measured effect:
+docs/LABELS.md.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.covariance import OAS
+
+from fedarches.errors import SettingError
 
 MIN_CELLS = 5
 
@@ -42,7 +34,7 @@ class ClassGaussianNovelty:
     def fit(self, latent: np.ndarray, codes: np.ndarray, n_labels: int, fpr: float = 0.01) -> "ClassGaussianNovelty":
         """``codes`` are integer label codes in ``[0, n_labels)``."""
         if not 0.0 < fpr < 1.0:
-            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+            raise SettingError(f"setting check failed: fpr must be in (0, 1), got {fpr}")
         z = np.asarray(latent, dtype=np.float64)
         d = z.shape[1]
         self.fpr = float(fpr)
