@@ -19,7 +19,7 @@ import pytest
 from fedarches.cli import main
 from fedarches.client import AtlasClient
 from fedarches.server import Atlas
-from fedarches.server.repository import CHECKPOINTS, PAUSE_ENV, TMP_PREFIX
+from fedarches.server.repository import CHECKPOINTS, PAUSE_ENV, TMP_GLOB
 from fedarches.format.version import read_atlas_version
 from test_atlas_support import CLI, Served, bundle_for, enrolled_key, new_atlas
 
@@ -70,7 +70,7 @@ def test_sigkill_mid_publish_leaves_previous_version_served(tmp_path, step, caps
         assert main(["atlas", "merge", str(atlas.path), str(bundle)]) == 0  # the operator reruns it
         out = capsys.readouterr().out
         assert ("already merged" if step == "committed" else "published version 2") in out
-        assert not list(atlas.repository_dir.rglob(f"{TMP_PREFIX}*"))
+        assert not list(atlas.repository_dir.rglob(TMP_GLOB))
         got = AtlasClient(server.url, atlas.root_json, cache_dir=cache).fetch(tmp_path / "m2")
         assert got.number == 2 and got.version.condition_names() == ["s0", "s1", "qa"]
         assert [e.number for e in Atlas(atlas.path).log()] == [1, 2]

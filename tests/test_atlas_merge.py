@@ -10,7 +10,16 @@ import torch
 
 from fedarches.cli import main
 from fedarches.format.bundle import create_bundle
-from fedarches.errors import ContributionError, VerificationError
+from fedarches.errors import (
+    AtlasMismatchError,
+    ConditionCollisionError,
+    ContributionError,
+    EnrollmentError,
+    ParentError,
+    TensorShapeError,
+    UnknownVersionError,
+    VerificationError,
+)
 from fedarches.server import Atlas
 from fedarches.format.signing import generate_key, keygen
 from test_atlas_support import bundle_for, enrolled_key, new_atlas, tree_digest
@@ -31,6 +40,10 @@ def test_two_sites_merge_in_one_step_and_order_does_not_change_the_id(atlas, tmp
     (v1,), (v2,) = r1.published, r2.published
     assert v1.number == v2.number == 2
     assert v1.id == v2.id
+    blob = atlas.version(2).blobs["conditions.safetensors"]
+    assert blob == twin.version(2).blobs["conditions.safetensors"]
+    target = f"blobs/{blob.sha256}.safetensors"
+    assert atlas.repo.read_target(target) == twin.repo.read_target(target)
     assert v1.parents == [atlas.version(1).id]
     assert [(c.name, c.site) for c in v1.conditions] == [
         ("s0", "coordinator"),
@@ -53,9 +66,9 @@ def test_identical_resubmission_is_a_no_op_and_a_collision_is_refused(atlas):
     again = atlas.merge([a])
     assert again.published == [] and again.unchanged == [f"<{len(a)} bytes>"]
     assert tree_digest(atlas.path) == before
-    with pytest.raises(ContributionError, match="condition collision: 'qa'.*site-a"):
+    with pytest.raises(ConditionCollisionError, match="condition collision: 'qa'.*site-a"):
         atlas.merge([bundle_for(atlas, kb, "site-b", ["qa"], seed=7)])
-    with pytest.raises(ContributionError, match="condition collision: 's0'"):
+    with pytest.raises(ConditionCollisionError, match="condition collision: 's0'"):
         atlas.merge([bundle_for(atlas, kb, "site-b", ["s0"], seed=7)])
     assert tree_digest(atlas.path) == before
 
@@ -66,11 +79,13 @@ def test_two_bundles_claiming_one_name_refuse_both(atlas):
     b = bundle_for(atlas, kb, "site-b", ["dup"], seed=2)
     c = bundle_for(atlas, kc, "site-c", ["fine"], seed=3)
     before = tree_digest(atlas.path)
-    with pytest.raises(ContributionError, match="claimed by several bundles"):
+    with pytest.raises(ConditionCollisionError, match="claimed by several bundles"):
         atlas.merge([a, b, c])
     assert tree_digest(atlas.path) == before
     r = atlas.merge([b, c, a], skip_invalid=True)
     assert len(r.rejected) == 2 and all("dup" in x.error for x in r.rejected)
+    assert {x.check for x in r.rejected} == {ConditionCollisionError.check}
+    assert [o.status for o in r.outcomes] == ["rejected", "accepted", "rejected"]
     assert [c.name for c in r.published[0].conditions][-1] == "fine"
 
 
@@ -78,7 +93,7 @@ def test_unenrolled_and_wrongly_signed_bundles_are_refused(atlas, tmp_path, caps
     stranger = generate_key()
     enrolled_key(atlas, "site-a")
     before = tree_digest(atlas.path)
-    with pytest.raises(VerificationError, match="enrollment check failed: .*'site-x'.*not enrolled"):
+    with pytest.raises(EnrollmentError, match="enrollment check failed: .*'site-x'.*not enrolled"):
         atlas.merge([bundle_for(atlas, stranger, "site-x", ["q"])])
     with pytest.raises(VerificationError, match="signature check failed"):
         atlas.merge([bundle_for(atlas, stranger, "site-a", ["q"])])  # claims to be site-a
@@ -105,10 +120,10 @@ def test_bundle_on_a_never_published_version_is_refused(atlas):
         },
     )
     before = tree_digest(atlas.path)
-    with pytest.raises(ContributionError, match="parent check failed: .*never published"):
+    with pytest.raises(ParentError, match="parent check failed: .*never published"):
         atlas.merge([forged])
     other = Atlas.init(atlas.path.parent / "other", "other")
-    with pytest.raises(ContributionError, match="atlas check failed"):
+    with pytest.raises(AtlasMismatchError, match="atlas check failed"):
         atlas.merge(
             [
                 create_bundle(
@@ -142,11 +157,11 @@ def test_wrong_shapes_and_non_finite_values_are_refused(atlas):
             tensors=tensors,
         )
 
-    with pytest.raises(ContributionError, match="tensor shape check failed: encoder/q"):
+    with pytest.raises(TensorShapeError, match="tensor shape check failed: encoder/q"):
         atlas.merge([make({**good, "encoder/q": torch.zeros(cfg.encoder_width + 1)})])
-    with pytest.raises(ContributionError, match="tensor shape check failed"):
+    with pytest.raises(TensorShapeError, match="tensor shape check failed"):
         atlas.merge([make({"encoder/q": good["encoder/q"]})])  # missing its decoder vector
-    with pytest.raises(ContributionError, match="tensor shape check failed"):
+    with pytest.raises(TensorShapeError, match="tensor shape check failed"):
         atlas.merge([make({**good, "other/q": torch.zeros(4)})])
     assert len(atlas.log()) == 1
 
@@ -187,9 +202,9 @@ def test_enrollment_rules_and_cli_log(atlas, tmp_path, capsys):
     k = keygen(tmp_path / "key")
     assert main(["atlas", "enroll", str(atlas.path), "--site", "site-a", "--public-key", str(k.public)]) == 0
     assert main(["atlas", "enroll", str(atlas.path), "--site", "site-a", "--public-key", str(k.public)]) == 0
-    with pytest.raises(VerificationError, match="already enrolled for site 'site-a'"):
+    with pytest.raises(EnrollmentError, match="already enrolled for site 'site-a'"):
         atlas.enroll("site-b", k.public)
-    with pytest.raises(VerificationError, match="already enrolled with key"):
+    with pytest.raises(EnrollmentError, match="already enrolled with key"):
         atlas.enroll("site-a", generate_key().public)
     capsys.readouterr()
     assert main(["atlas", "log", str(atlas.path), "--json"]) == 0
@@ -197,3 +212,10 @@ def test_enrollment_rules_and_cli_log(atlas, tmp_path, capsys):
     assert [v["number"] for v in log] == [1]
     assert {"number", "id", "parents", "branch", "conditions"} <= set(log[0])
     assert log[0]["conditions"] == [{"name": "s0", "site": "coordinator"}, {"name": "s1", "site": "coordinator"}]
+
+
+def test_unknown_version_is_a_verification_error(atlas):
+    with pytest.raises(UnknownVersionError, match="version check failed"):
+        atlas.version(7)
+    with pytest.raises(UnknownVersionError):
+        atlas.version("0" * 64)

@@ -23,7 +23,7 @@ from tuf.api.metadata import Metadata
 
 from fedarches.cli import main
 from fedarches.client import AtlasClient
-from fedarches.errors import ModelFileError, VerificationError
+from fedarches.errors import AtlasDirError, HashError, VerificationError
 from fedarches.server import Atlas, ExpiryPolicy
 from fedarches.format.version import read_atlas_version
 from fedarches.format.model_dir import load_model_dir
@@ -71,7 +71,7 @@ def test_init_keeps_private_keys_out_of_the_served_directory(tmp_path, capsys):
     assert not any(b"PRIVATE KEY" in p.read_bytes() for p in repo.rglob("*") if p.is_file())
     assert root.read_bytes() == (repo / "metadata" / "1.root.json").read_bytes()
     assert json.loads(root.read_bytes())["signed"]["_type"] == "root"
-    with pytest.raises(ModelFileError, match="not empty"):
+    with pytest.raises(AtlasDirError, match="not empty"):
         Atlas.init(tmp_path / "a", "again")
 
 
@@ -239,6 +239,6 @@ def test_coordinator_refuses_to_sign_on_top_of_a_tampered_repository(atlas, tmp_
     (blob,) = (atlas.repository_dir / "targets" / "blobs").glob(f"{weights}.*")
     blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
     before = tree_digest(atlas.repository_dir)
-    with pytest.raises(VerificationError, match="atlas repository hash check failed"):
+    with pytest.raises(HashError, match="atlas repository hash check failed"):
         atlas.merge([bundle_for(atlas, key, "site-a", ["q1"])])
     assert tree_digest(atlas.repository_dir) == before

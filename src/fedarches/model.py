@@ -24,7 +24,7 @@ from fedarches.config import ModelConfig, ModelKind, Strategy, STRATEGIES, Train
 from fedarches.data.batches import chunked_rows, dense_rows
 from fedarches.data.genes import align_genes, select_genes
 from fedarches.data.validation import check_gene_names, check_shape, check_values, condition_labels, get_matrix
-from fedarches.errors import FedarchesError, InputDataError, ModelFileError
+from fedarches.errors import InputDataError, ModelFileError
 from fedarches.labels import KNNLabelTransfer, LabelTransferResult
 from fedarches.models.cvae import CVAE
 from fedarches.format.model_dir import CONDITIONS, ModelManifest, REFERENCE, WEIGHTS, load_model_dir, save_model_dir
@@ -314,37 +314,30 @@ class FedArchesModel:
     # ------------------------------------------------------- condition slices
     def condition_slices(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The ``"<table>/<condition>"`` rows of ``names``: what a site contributes."""
+        from fedarches.errors import UnknownConditionError
+
         missing = [n for n in names if n not in self.conditions]
         if missing:
-            raise InputDataError(f"conditions {missing} are not in the model")
+            raise UnknownConditionError(f"known condition check failed: conditions {missing} are not in the model")
         return self.module.condition_state(names)
 
     def with_condition_slices(self, slices: dict[str, torch.Tensor]) -> "FedArchesModel":
-        """A new model holding this one's conditions plus those in ``slices`` (merge by
-        name). New names are appended in sorted order, so merging the same slices in
-        any order gives the same model."""
-        tables = self.module.condition_tables()
-        by_name: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in slices.items():
-            table, _, name = key.partition("/")
-            if table not in tables or not name:
-                raise FedarchesError(f"slice key {key!r} is not '<table>/<condition>' with table in {sorted(tables)}")
-            if value.shape != (tables[table].width,):
-                raise FedarchesError(
-                    f"slice {key!r} has shape {tuple(value.shape)}, expected ({tables[table].width},)"
-                )
-            by_name.setdefault(name, {})[table] = value
-        clash = sorted(set(by_name) & set(self.conditions))
-        if clash:
-            raise FedarchesError(f"conditions {clash} are already in the model; a condition name is added once")
-        for name, parts in by_name.items():
-            if set(parts) != set(tables):
-                raise FedarchesError(f"condition {name!r} lacks slices for tables {sorted(set(tables) - set(parts))}")
+        """A new model holding this one's conditions plus those in ``slices``.
+
+        Merges by name with ``format.conditions.merge_conditions``, the function
+        the coordinator merges with, so the Python API and a published version
+        agree on names and order (new names sorted).
+        """
+        from fedarches.format.conditions import merge_conditions
+        from fedarches.format.tensor_keys import condition_key
+
+        tables = {name: torch.zeros(t.width) for name, t in self.module.condition_tables().items()}
+        names, merged = merge_conditions(self.conditions, self.module.condition_state(), [slices], tables=tables)
+        new = names[len(self.conditions):]
         module = copy_module(self.module)
-        names = sorted(by_name)
-        if names:
+        if new:
             for tname, table in module.condition_tables().items():
-                table.add_conditions(names, torch.stack([by_name[n][tname].float() for n in names]))
+                table.add_conditions(new, torch.stack([merged[condition_key(tname, n)] for n in new]))
         return FedArchesModel(module, genes=self.genes, condition_key=self.condition_key,
                               train_config=self.train_config, label_key=self.label_key, reference=self.reference)
 

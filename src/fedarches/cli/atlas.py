@@ -7,9 +7,7 @@ import json
 import sys
 import threading
 
-from fedarches.errors import FedarchesError
-
-RESIGN_CHECK_SECONDS = 3600.0
+from fedarches.config import MODEL_KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--data", required=True, help="reference .h5ad with raw counts")
     q.add_argument("--condition-key", required=True, help="obs column with the study / batch")
     q.add_argument("--label-key", default=None, help="obs column with cell types (enables label transfer)")
-    q.add_argument("--model", choices=["trvae", "nb"], default="trvae")
+    q.add_argument("--model", choices=list(MODEL_KINDS), default="trvae")
     q.add_argument("--epochs", type=int, default=None)
     q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
     q.add_argument("--layer", default=None, help="read counts from this layer instead of .X")
@@ -151,32 +149,17 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fedarches.server import Atlas, make_server
+    from fedarches.server import Atlas, serve_atlas
 
     atlas = Atlas(args.atlas_dir)
-    if atlas.refresh():
-        print("re-signed metadata that was past half its lifetime", flush=True)
-    server = make_server(atlas.repository_dir, args.host, args.port, verbose=args.verbose)
+    server = serve_atlas(atlas, args.host, args.port, verbose=args.verbose)  # re-signs while it serves
     print(f"serving atlas {atlas.name!r} from {atlas.repository_dir} at {server.url} (Ctrl-C stops)", flush=True)
-    stop = threading.Event()
-
-    def keep_fresh() -> None:
-        # a long-running server must not let the timestamp expire (sites would refuse it)
-        while not stop.wait(RESIGN_CHECK_SECONDS):
-            try:
-                if atlas.refresh():
-                    print("re-signed metadata that was past half its lifetime", flush=True)
-            except FedarchesError as exc:
-                print(f"fedarches atlas serve: could not re-sign metadata: {exc}", file=sys.stderr, flush=True)
-
-    threading.Thread(target=keep_fresh, name="fedarches-resign", daemon=True).start()
     try:
-        server.serve_forever()
+        threading.Event().wait()
     except KeyboardInterrupt:
         pass
     finally:
-        stop.set()
-        server.server_close()
+        server.close()
     return 0
 
 

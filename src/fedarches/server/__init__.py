@@ -1,18 +1,23 @@
 """Coordinator side: atlas directory, TUF repository, enrollment, merges, lineage, serving.
 
-``Atlas`` is the entry point (``server/atlas.py``); ``make_server`` serves its
-``repository/`` directory over HTTP.
+``Atlas`` is the entry point (``server/atlas.py``, a facade over
+``registry``, ``intake``, ``merge``, ``publish`` and ``reference``);
+``serve_atlas`` serves its ``repository/`` directory over HTTP and keeps the
+metadata re-signed.
 """
 
-from fedarches.server.atlas import Atlas, MergeResult, Rejection, VerifiedBundle
-from fedarches.server.http import AtlasHTTPServer, make_server
-from fedarches.server.repository import ExpiryPolicy
 from fedarches.format.version import AtlasVersion, Lineage, LineageEntry
+from fedarches.server.atlas import Atlas
+from fedarches.server.http import AtlasHTTPServer, make_server, serve_atlas
+from fedarches.server.intake import VerifiedBundle
+from fedarches.server.merge import BundleOutcome, MergeResult, Rejection
+from fedarches.server.repository import ExpiryPolicy
 
 __all__ = [
     "Atlas",
     "AtlasHTTPServer",
     "AtlasVersion",
+    "BundleOutcome",
     "ExpiryPolicy",
     "Lineage",
     "LineageEntry",
@@ -20,4 +25,5 @@ __all__ = [
     "Rejection",
     "VerifiedBundle",
     "make_server",
+    "serve_atlas",
 ]

@@ -31,7 +31,6 @@ SIGKILL it at an exact step.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 from securesystemslib.signer import CryptoSigner
-from tuf.api.exceptions import RepositoryError, UnsignedMetadataError
+from tuf.api.exceptions import RepositoryError as TufRepositoryError, UnsignedMetadataError
 from tuf.api.metadata import (
     Metadata,
     MetaFile,
@@ -54,7 +53,8 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from fedarches.errors import ModelFileError, VerificationError
+from fedarches.atomic import fsync_dir, write_bytes
+from fedarches.errors import AtlasKeyError, HashError, MetadataError, RepositoryError as AtlasRepositoryError, SignatureError
 from fedarches.format.signing import generate_key, load_private_key, write_private_key
 from fedarches.format.canonical import sha256_bytes, sha256_file
 
@@ -67,7 +67,8 @@ CHECKPOINTS = (
     "timestamp-temp",  # new timestamp in a temporary file, not yet renamed
     "committed",  # timestamp.json replaced: the new version is served
 )
-TMP_PREFIX = ".fedarches-tmp-"
+#: where ``fedarches.atomic`` leaves a temporary file a killed write never renamed
+TMP_GLOB = ".*.tmp"
 _SERIALIZER = JSONSerializer(compact=False)
 
 
@@ -95,36 +96,18 @@ def checkpoint(name: str) -> None:
             time.sleep(3600)
 
 
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, pause: str | None = None, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if pause:
-            checkpoint(pause)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def atomic_write(path: Path, data: bytes, *, pause: str | None = None) -> None:
+    """``fedarches.atomic.write_bytes`` (0644), stopping at checkpoint ``pause`` before the rename."""
+    write_bytes(path, data, mode=0o644, before_replace=(lambda: checkpoint(pause)) if pause else None)
 
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def utc_timestamp() -> str:
+    """Now, UTC, whole seconds, ``...Z`` (atlas creation, enrolment and publish times)."""
+    return _now().isoformat().replace("+00:00", "Z")
 
 
 def target_disk_name(path: str, sha256: str) -> str:
@@ -168,7 +151,7 @@ class TufRepository:
         if role not in self._signers:
             path = self._key_path(role)
             if not path.is_file():
-                raise ModelFileError(f"atlas key check failed: {path} is missing; the {role} role cannot sign")
+                raise AtlasKeyError(f"atlas key check failed: {path} is missing; the {role} role cannot sign")
             self._signers[role] = CryptoSigner(load_private_key(path).key)
         return self._signers[role]
 
@@ -213,11 +196,11 @@ class TufRepository:
             data = path.read_bytes()
             return Metadata.from_bytes(data), data
         except FileNotFoundError:
-            raise ModelFileError(
+            raise AtlasRepositoryError(
                 f"atlas repository check failed: {path} is missing ({what}); the published repository is incomplete"
             ) from None
         except DeserializationError as exc:
-            raise VerificationError(f"atlas repository check failed: {path} is not TUF metadata ({exc})") from exc
+            raise MetadataError(f"metadata check failed: {path} is not TUF metadata ({exc})") from exc
 
     def current(self) -> RepoState:
         """Load the committed chain timestamp -> snapshot -> targets and verify its signatures.
@@ -228,7 +211,7 @@ class TufRepository:
         """
         roots = self.root_versions()
         if not roots:
-            raise ModelFileError(f"atlas repository check failed: no root metadata in {self.metadata_dir}")
+            raise AtlasRepositoryError(f"atlas repository check failed: no root metadata in {self.metadata_dir}")
         root_md, _ = self._load(self.metadata_dir / f"{roots[-1]}.root.json", "root")
         ts_md, _ = self._load(self.metadata_dir / "timestamp.json", "timestamp")
         try:
@@ -246,9 +229,9 @@ class TufRepository:
             tmeta.verify_length_and_hashes(targets_bytes)
             root_md.verify_delegate("targets", targets_md)
         except UnsignedMetadataError as exc:
-            raise VerificationError(f"atlas repository signature check failed: {exc}") from exc
-        except RepositoryError as exc:
-            raise VerificationError(f"atlas repository hash check failed: {exc}") from exc
+            raise SignatureError(f"atlas repository signature check failed: {exc}") from exc
+        except TufRepositoryError as exc:
+            raise HashError(f"atlas repository hash check failed: {exc}") from exc
         return RepoState(root_md, ts_md, snap_md, targets_md)
 
     def target_info(self, path: str, state: RepoState | None = None) -> TargetFile | None:
@@ -259,16 +242,16 @@ class TufRepository:
         """Bytes of a committed target, checked against the signed length and sha256."""
         info = self.target_info(path, state)
         if info is None:
-            raise ModelFileError(f"atlas repository check failed: {path} is not a published target")
+            raise AtlasRepositoryError(f"atlas repository check failed: {path} is not a published target")
         disk = self.targets_dir / target_disk_name(path, info.hashes["sha256"])
         try:
             data = disk.read_bytes()
         except FileNotFoundError:
-            raise ModelFileError(f"atlas repository check failed: {disk} is missing") from None
+            raise AtlasRepositoryError(f"atlas repository check failed: {disk} is missing") from None
         try:
             info.verify_length_and_hashes(data)
-        except RepositoryError as exc:
-            raise VerificationError(
+        except TufRepositoryError as exc:
+            raise HashError(
                 f"atlas repository hash check failed: {disk} does not match its signed hash "
                 f"(it was changed on disk); restore it from a backup before publishing again"
             ) from exc
@@ -277,7 +260,7 @@ class TufRepository:
     # ------------------------------------------------------------- publish
     def cleanup(self) -> None:
         """Remove temporary files a killed publish left behind (never referenced)."""
-        for p in self.repo_dir.rglob(f"{TMP_PREFIX}*"):
+        for p in self.repo_dir.rglob(TMP_GLOB):
             p.unlink(missing_ok=True)
 
     def publish(self, files: dict[str, bytes]) -> RepoState:
