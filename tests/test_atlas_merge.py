@@ -16,6 +16,7 @@ from fedarches.errors import (
     ContributionError,
     EnrollmentError,
     ParentError,
+    SignatureError,
     TensorShapeError,
     UnknownVersionError,
     VerificationError,
@@ -95,7 +96,7 @@ def test_unenrolled_and_wrongly_signed_bundles_are_refused(atlas, tmp_path, caps
     before = tree_digest(atlas.path)
     with pytest.raises(EnrollmentError, match="enrollment check failed: .*'site-x'.*not enrolled"):
         atlas.merge([bundle_for(atlas, stranger, "site-x", ["q"])])
-    with pytest.raises(VerificationError, match="signature check failed"):
+    with pytest.raises(SignatureError, match="signature check failed"):
         atlas.merge([bundle_for(atlas, stranger, "site-a", ["q"])])  # claims to be site-a
     path = tmp_path / "b.safetensors"
     path.write_bytes(bundle_for(atlas, stranger, "site-x", ["q"]))
