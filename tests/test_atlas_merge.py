@@ -19,7 +19,6 @@ from fedarches.errors import (
     SignatureError,
     TensorShapeError,
     UnknownVersionError,
-    VerificationError,
 )
 from fedarches.server import Atlas
 from fedarches.format.signing import generate_key, keygen
