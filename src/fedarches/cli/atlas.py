@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--data", required=True, help="reference .h5ad with raw counts")
     q.add_argument("--condition-key", required=True, help="obs column with the study / batch")
     q.add_argument("--label-key", default=None, help="obs column with cell types (enables label transfer)")
+    q.add_argument("--reference-studies", default=None, metavar="A,B,...",
+                   help="comma-separated values of --condition-key that form the reference (default: all)")
     q.add_argument("--model", choices=list(MODEL_KINDS), default="trvae")
     q.add_argument("--epochs", type=int, default=None)
     q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
@@ -86,10 +88,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from fedarches.data.subset import parse_names
     from fedarches.server import Atlas
 
     atlas = Atlas(args.atlas_dir)
-    entry = atlas.build(
+    built = atlas.build(
         args.data,
         args.condition_key,
         args.label_key,
@@ -100,8 +103,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         threads=args.threads,
         layer=args.layer,
         progress=not args.quiet,
+        reference_studies=parse_names(args.reference_studies),
     )
-    print(f"published version {entry.number} (id {entry.id}) of atlas {atlas.name!r}: {_conditions(entry)}")
+    for line in built.summary.lines():
+        print(line)
+    print(f"published version {built.number} (id {built.id}) of atlas {atlas.name!r}: {_conditions(built.entry)}")
     return 0
 
 

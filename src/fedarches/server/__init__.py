@@ -11,6 +11,7 @@ from fedarches.server.atlas import Atlas
 from fedarches.server.http import AtlasHTTPServer, make_server, serve_atlas
 from fedarches.server.intake import VerifiedBundle
 from fedarches.server.merge import BundleOutcome, MergeResult, Rejection
+from fedarches.server.reference import ReferenceBuild
 from fedarches.server.repository import ExpiryPolicy
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Lineage",
     "LineageEntry",
     "MergeResult",
+    "ReferenceBuild",
     "Rejection",
     "VerifiedBundle",
     "make_server",

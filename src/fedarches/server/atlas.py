@@ -42,7 +42,7 @@ from fedarches.format.version import LINEAGE_TARGET, MAIN_BRANCH, AtlasVersion, 
 from fedarches.server.intake import Intake, VerifiedBundle, verify_bundle
 from fedarches.server.merge import MergeResult, merge_bundles
 from fedarches.server.publish import publish_versions, reference_version
-from fedarches.server.reference import build_reference
+from fedarches.server.reference import ReferenceBuild, build_reference
 from fedarches.server.registry import EnrolledSite, SiteRegistry, as_public_key, enroll_site, read_registry, write_registry
 from fedarches.server.repository import ExpiryPolicy, RepoState, TufRepository, utc_timestamp
 from fedarches.server.store import VersionStore
@@ -254,11 +254,14 @@ class Atlas:
         threads: int | None = None,
         layer: str | None = None,
         progress: bool = False,
-    ) -> LineageEntry:
+        reference_studies: Sequence[str] | None = None,
+    ) -> ReferenceBuild:
         """Train the reference (``server/reference.py``) and publish it as version 1.
 
-        ``data`` is an AnnData or a path to ``.h5ad``. Refuses before training
-        when the atlas already has a reference.
+        ``data`` is an AnnData or a path to ``.h5ad``; ``reference_studies``
+        picks which values of ``condition_key`` form the reference (default:
+        all). Refuses before training when the atlas already has a reference.
+        Returns the lineage entry and a summary of what was built.
         """
         self._refuse_second_reference()
         return build_reference(
@@ -272,6 +275,7 @@ class Atlas:
             n_genes=n_genes,
             layer=layer,
             progress=progress,
+            reference_studies=reference_studies,
         )
 
     def refresh(self, *, force: bool = False) -> bool:

@@ -2,19 +2,42 @@
 
 Why the coordinator trains and not a site: version 1 fixes the genes, the
 architecture and every shared weight that all later contributions are frozen
-against; it is built once, on the coordinator's own reference data.
+against; it is built once, on the coordinator's own reference data. Warnings
+raised while training are collected into the build's summary (printed as
+lines by the CLI), so no raw Python warning with a source path reaches the
+operator's console.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedarches.config import TrainConfig
 from fedarches.data.io import read_h5ad
+from fedarches.data.subset import select_conditions
 from fedarches.format.version import LineageEntry
+from fedarches.reference_summary import ReferenceSummary, summarize_reference
+
+
+@dataclass(frozen=True)
+class ReferenceBuild:
+    """A published reference: its lineage entry and what went into it."""
+
+    entry: LineageEntry
+    summary: ReferenceSummary
+
+    @property
+    def number(self) -> int:
+        return self.entry.number
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
 
 
 def train_reference(
@@ -27,30 +50,26 @@ def train_reference(
     n_genes: int,
     layer: str | None,
     progress: bool,
-) -> tuple[Any, dict[str, Any]]:
-    """``FedArchesModel.train_reference`` on ``data`` (AnnData or ``.h5ad`` path) and its metrics."""
+    reference_studies: Sequence[str] | None = None,
+) -> tuple[Any, ReferenceSummary]:
+    """``FedArchesModel.train_reference`` on the chosen studies of ``data`` (AnnData or ``.h5ad``)."""
     from fedarches.model import FedArchesModel
 
-    model = FedArchesModel.train_reference(
-        read_h5ad(data),
-        condition_key,
-        label_key,
-        kind=kind,  # type: ignore[arg-type]
-        n_genes=n_genes,
-        layer=layer,
-        train=train,
-        progress=progress,
-    )
-    h = model.last_history
-    metrics: dict[str, Any] = {"model": kind}
-    if h is not None:
-        metrics.update(
-            epochs=h.epochs,
-            best_epoch=h.best_epoch,
-            seconds=round(h.seconds, 3),
-            final_loss=h.train_loss[-1] if h.train_loss else None,
+    adata = select_conditions(read_h5ad(data), condition_key, reference_studies)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = FedArchesModel.train_reference(
+            adata,
+            condition_key,
+            label_key,
+            kind=kind,  # type: ignore[arg-type]
+            n_genes=n_genes,
+            layer=layer,
+            train=train,
+            progress=progress,
         )
-    return model, metrics
+    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+    return model, summarize_reference(model, adata, condition_key, label_key, notes)
 
 
 def build_reference(
@@ -60,9 +79,9 @@ def build_reference(
     condition_key: str,
     label_key: str | None = None,
     **train: Any,
-) -> LineageEntry:
+) -> ReferenceBuild:
     """Train the reference, save it under ``workdir`` and hand the model directory to ``publish``."""
-    model, metrics = train_reference(data, condition_key, label_key, **train)
+    model, summary = train_reference(data, condition_key, label_key, **train)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=workdir) as tmp:
         model.save(Path(tmp) / "model")
-        return publish(Path(tmp) / "model", metrics)
+        return ReferenceBuild(publish(Path(tmp) / "model", summary.metrics()), summary)
