@@ -11,12 +11,21 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedarches.errors import ModelDirError
 
-__all__ = ["REFERENCE_SOURCE", "UmapCells", "atlas_cells", "draw_atlas_umap", "umap_coordinates"]
+__all__ = [
+    "REFERENCE_SOURCE",
+    "UmapCells",
+    "atlas_cells",
+    "draw_atlas_umap",
+    "mapping_cells",
+    "point_size",
+    "umap_coordinates",
+]
 
 REFERENCE_SOURCE = "atlas (reference)"
 
@@ -76,48 +85,107 @@ def umap_coordinates(latent: np.ndarray, seed: int = 0) -> np.ndarray:
                          precomputed_knn=(idx, dist.astype(np.float32), None)).fit_transform(z)
 
 
-def draw_atlas_umap(cells: UmapCells, out_png: Path, *, title: str, seed: int = 0) -> Path:
-    """Three panels on one UMAP: atlas vs sites, true cell type, and the unknown-cell calls."""
+def point_size(n_cells: int) -> float:
+    """scanpy's rule (120,000 / n cells), kept between 1 and 40 so small sets stay visible."""
+    return float(min(40.0, max(1.0, 120_000 / max(n_cells, 1))))
+
+
+def mapping_cells(adata: Any, model: Any, condition_key: str, label_key: str | None) -> UmapCells:
+    """A mapped query (latent in ``obsm``, predictions in ``obs``) plus the model's reference
+    cells where the model holds them. Query cells are coloured by their study and predicted label."""
+    from fedarches.model import LATENT_KEY
+
+    latents = [np.asarray(adata.obsm[LATENT_KEY], dtype=np.float32)]
+    source = [adata.obs[condition_key].astype(str).to_numpy()]
+    pred = f"{label_key}_pred" if label_key else None
+    labels = [adata.obs[pred].astype(str).to_numpy() if pred and pred in adata.obs else np.full(adata.n_obs, "?")]
+    unk = f"{label_key}_unknown" if label_key else None
+    unknown = [adata.obs[unk].to_numpy(dtype=bool) if unk and unk in adata.obs else np.zeros(adata.n_obs, bool)]
+    ref = getattr(model, "reference", None)
+    if ref is not None:
+        latents.insert(0, np.asarray(ref.latent, dtype=np.float32))
+        source.insert(0, np.full(len(ref.latent), REFERENCE_SOURCE))
+        labels.insert(0, np.asarray(ref.categories, dtype=object)[np.asarray(ref.labels)].astype(str))
+        unknown.insert(0, np.zeros(len(ref.latent), bool))
+    return UmapCells(np.concatenate(latents), np.concatenate(source), np.concatenate(labels),
+                     np.concatenate(unknown))
+
+
+def draw_atlas_umap(cells: UmapCells, out_png: Path, *, title: str, seed: int = 0,
+                    label_title: str = "cell type (true)", query_name: str = "site") -> Path:
+    """Three panels on one UMAP: where cells come from, cell type, and the unknown-cell calls.
+
+    Conventions (scanpy's): point size from the number of cells; one palette per
+    meaning (studies never share colours with cell types; the reference is always
+    grey, unknown always red); reference cells are drawn first and faint, so query
+    cells are never hidden, and each panel draws groups in a seeded random order.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     emb = umap_coordinates(cells.latent, seed)
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    order = np.random.default_rng(seed).permutation(len(cells.latent))  # no group hides another
-    for ax, values, name in ((axes[0], cells.source, "atlas vs sites"), (axes[1], cells.labels, "cell type (true)")):
-        _categorical_panel(plt, ax, emb, values, order, name)
-    _unknown_panel(axes[2], emb, cells)
+    size = point_size(len(cells.latent))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6))
+    is_ref = cells.source == REFERENCE_SOURCE
+    order = np.random.default_rng(seed).permutation(len(cells.latent))
+    order = np.concatenate([order[is_ref[order]], order[~is_ref[order]]])  # reference underneath, query on top
+    _categorical_panel(axes[0], emb, cells.source, order, size, "where the cells come from",
+                       _palette(plt, cells.source, "Dark2", "tab20b"), faint=is_ref)
+    _categorical_panel(axes[1], emb, cells.labels, order, size, label_title,
+                       _palette(plt, cells.labels, "tab10", "tab20"), faint=is_ref)
+    _unknown_panel(axes[2], emb, cells, size, query_name)
     for a in axes:
         a.set_xticks([])
         a.set_yticks([])
+        a.set_xlabel("UMAP1")
+        a.set_ylabel("UMAP2")
     fig.suptitle(title)
     fig.tight_layout()
+    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
 
 
-def _categorical_panel(plt, ax, emb: np.ndarray, values: np.ndarray, order: np.ndarray, title: str) -> None:  # noqa: ANN001
-    cats = sorted(set(values.tolist()), key=lambda c: (c != REFERENCE_SOURCE, c))
-    cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
-    colors = {c: cmap(i % cmap.N) for i, c in enumerate(cats)}
-    ax.scatter(emb[order, 0], emb[order, 1], s=3, c=[colors[v] for v in values[order]], alpha=0.8, linewidths=0)
-    for c in cats:
-        ax.scatter([], [], s=12, color=colors[c], label=c)
+# red is reserved for "unknown", grey for the reference: drop them from the category cycles
+_NO_RED = {"tab10": (3, 7), "tab20": (6, 7, 14, 15), "Dark2": (1, 7), "tab20b": (12, 13, 14, 15)}
+
+
+def _palette(plt: Any, values: np.ndarray, small: str, large: str) -> dict[str, Any]:
+    cats = sorted(set(values.tolist()) - {REFERENCE_SOURCE, "Unknown"})
+    name = small if len(cats) <= 6 else large
+    cmap = plt.get_cmap(name)
+    cycle = [cmap(i) for i in range(cmap.N) if i not in _NO_RED.get(name, ())]
+    colors: dict[str, Any] = {c: cycle[i % len(cycle)] for i, c in enumerate(cats)}
+    colors[REFERENCE_SOURCE] = (0.7, 0.7, 0.7, 1.0)
+    colors["Unknown"] = (0.84, 0.15, 0.16, 1.0)
+    return colors
+
+
+def _categorical_panel(ax: Any, emb: np.ndarray, values: np.ndarray, order: np.ndarray, size: float,
+                       title: str, colors: dict[str, Any], faint: np.ndarray) -> None:
+    rgba = np.array([colors[v] for v in values[order]])
+    rgba[faint[order], 3] = 0.35
+    ax.scatter(emb[order, 0], emb[order, 1], s=size, c=rgba, linewidths=0)
+    present = set(values.tolist())
+    for c, col in colors.items():
+        if c in present:
+            ax.scatter([], [], s=25, color=col, label=c)
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="best", frameon=False)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
-def _unknown_panel(ax, emb: np.ndarray, cells: UmapCells) -> None:  # noqa: ANN001
-    is_site = cells.source != REFERENCE_SOURCE
+def _unknown_panel(ax: Any, emb: np.ndarray, cells: UmapCells, size: float, query_name: str) -> None:
+    is_q = cells.source != REFERENCE_SOURCE
     unknown = cells.unknown
-    ax.scatter(emb[~is_site, 0], emb[~is_site, 1], s=3, color="lightgrey", label=REFERENCE_SOURCE, linewidths=0)
-    ax.scatter(emb[is_site & ~unknown, 0], emb[is_site & ~unknown, 1], s=3, color="tab:blue",
-               label="site cell, labelled", linewidths=0, alpha=0.6)
-    ax.scatter(emb[is_site & unknown, 0], emb[is_site & unknown, 1], s=4, color="tab:red",
-               label="site cell, called unknown", linewidths=0)
-    ax.set_title("label transfer at the sites: unknown-cell calls")
-    ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+    groups = ((~is_q, (0.7, 0.7, 0.7, 0.35), REFERENCE_SOURCE),
+              (is_q & ~unknown, (0.25, 0.25, 0.3, 0.7), f"{query_name} cell, labelled"),
+              (is_q & unknown, (0.84, 0.15, 0.16, 1.0), f"{query_name} cell, called unknown"))
+    for mask, color, label in groups:
+        if mask.any():
+            ax.scatter(emb[mask, 0], emb[mask, 1], s=size, color=color, linewidths=0, label=label)
+    ax.set_title(f"unknown-cell calls ({int((is_q & unknown).sum())} of {int(is_q.sum())} {query_name} cells)")
+    ax.legend(markerscale=2, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
