@@ -245,6 +245,8 @@ class KNNLabelTransfer:
     def _result(self, q: np.ndarray, code: np.ndarray, unc: np.ndarray, stat: np.ndarray,
                 probs: np.ndarray | None) -> LabelTransferResult:
         n = q.shape[0]
+        # 1 - max p can round to -2e-16 when every neighbour agrees: report a clean 0
+        unc = np.clip(unc, 0.0, 1.0)
         thr = self.thresholds.label_thresholds[code] if n else np.zeros(0)
         distance_score = stat / np.maximum(thr, np.finfo(np.float64).tiny)
         gaussian_score = self.gaussian.score(q)
