@@ -87,7 +87,7 @@ def run_model(a) -> dict:
     q_seconds = time.perf_counter() - t0
     q_cpu = time.process_time() - c0
     q_hist = res.model.last_history
-    new = list(res.report.get("new_conditions", []))
+    new = list(res.report.new_conditions)
     slices = res.model.condition_slices(new)
     upload = int(sum(t.numel() * t.element_size() for t in slices.values()))
     import fedarches
@@ -101,15 +101,15 @@ def run_model(a) -> dict:
         "reference": {**_history(ref_hist), "fit_seconds": ref_seconds, "fit_cpu_seconds": ref_cpu, "total_parameters": int(total_params),
                       "trainable_parameters": int(total_params)},
         "query": {**_history(q_hist), "fit_seconds": q_seconds, "fit_cpu_seconds": q_cpu,
-                  "map_query_report_seconds": res.report.get("seconds"),
-                  "trainable_parameters": int(res.report["trainable_parameters"]),
-                  "expected_trainable_parameters": res.report.get("expected_trainable_parameters"),
+                  "map_query_report_seconds": res.report.seconds,
+                  "trainable_parameters": int(res.report.trainable_parameters),
+                  "expected_trainable_parameters": res.report.expected_trainable_parameters,
                   "upload_bytes": upload,
                   "condition_slice_entries": {k: int(v.numel()) for k, v in slices.items()}},
         "n_ref_cells": int(ref.n_obs), "n_query_cells": int(query.n_obs), "n_genes": len(model.genes),
         "load_seconds": load,
         "reference_peak_rss_bytes": ref_peak,
-        "report": {k: v for k, v in res.report.items() if k != "label_transfer"},
+        "report": {k: v for k, v in res.report.to_dict().items() if k != "label_transfer"},
     }
     if not scale:
         t0 = time.perf_counter()
