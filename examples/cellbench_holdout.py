@@ -25,16 +25,16 @@ def run(path: Path, kind: str, seed: int = 0, threads: int | None = None, progre
     model = FedArchesModel.train_reference(ref, "study", "cell_type", kind=kind,
                                            train=TrainConfig(seed=seed, threads=threads), progress=progress)
     res = model.map_query(query, "study", seed=seed, threads=threads, progress=progress)
-    lt = res.report["label_transfer"]
+    lt = res.report.label_transfer
     return {
         "model": kind,
         "reference_epochs": model.last_history.epochs if model.last_history else None,
-        "query_epochs": res.report["epochs"],
-        "accuracy_known": lt["accuracy_known"],
-        "a549_called_unknown": lt["unseen_called_unknown"],
-        "known_called_unknown": lt["known_called_unknown"],
-        "trainable_parameters": res.report["trainable_parameters"],
-        "query_seconds": res.report["seconds"],
+        "query_epochs": res.report.epochs,
+        "accuracy_known": lt.accuracy_known,
+        "a549_called_unknown": lt.unseen_called_unknown,
+        "known_called_unknown": lt.known_called_unknown,
+        "trainable_parameters": res.report.trainable_parameters,
+        "query_seconds": res.report.seconds,
     }
 
 
