@@ -14,6 +14,8 @@ import pytest
 import scipy.sparse as sp
 
 from fedarches.cli import main
+from fedarches.errors import NothingToMapError, OutputPathError, SettingError, UnknownConditionError
+from fedarches.mapping import check_out_dir
 
 
 def _write(adata: ad.AnnData, path: Path) -> str:
@@ -130,6 +132,8 @@ def test_query_with_only_known_conditions_points_to_embed(files, capsys):
                               "--out", str(d / "known"), "--quiet"])
     assert code == 2 and "already in the model" in err and "embed" in err
     assert not (d / "known").exists()
+    with pytest.raises(NothingToMapError):
+        trvae_model_of(files).map_query(ref, "study", epochs=1, progress=False)
 
 
 def test_embed_refuses_unknown_conditions(files, capsys):
@@ -139,7 +143,29 @@ def test_embed_refuses_unknown_conditions(files, capsys):
     code, err = _run(capsys, ["embed", "--model", str(d / "trvae"), "--data", data, "--condition-key", "study",
                               "--out", str(out)])
     assert code == 2 and "not in the model" in err and "study_2" in err
+    assert "`fedarches map` on a single machine, `fedarches site map` at a site" in err
     assert not out.exists()
+    with pytest.raises(UnknownConditionError):
+        trvae_model_of(files).embed(query, "study")
+
+
+def test_bad_strategy_and_out_path_have_their_own_classes(files, tmp_path):
+    d, _, query = files
+    with pytest.raises(SettingError):
+        trvae_model_of(files).map_query(query, "study", strategy="everything", progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    code = main(["map", "--model", str(d / "trvae"), "--data", _write(query, tmp_path / "q.h5ad"),
+                 "--condition-key", "study", "--out", str(tmp_path / "busy"), "--quiet"])
+    assert code == 2 and (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    with pytest.raises(OutputPathError):
+        check_out_dir(tmp_path / "busy")
+
+
+def trvae_model_of(files):
+    from fedarches.model import FedArchesModel
+
+    return FedArchesModel.load(files[0] / "trvae")
 
 
 def test_gene_overlap_floor_and_warning(files, capsys):
@@ -158,7 +184,7 @@ def test_gene_overlap_floor_and_warning(files, capsys):
     partial = query[:, : int(query.n_vars * 0.7)].copy()
     with pytest.warns(UserWarning, match="filled with zeros"):
         res = model.map_query(partial, "study", epochs=1, progress=False)
-    assert res.report["gene_overlap"] == pytest.approx(partial.n_vars / query.n_vars, abs=0.01)
+    assert res.report.gene_overlap == pytest.approx(partial.n_vars / query.n_vars, abs=0.01)
 
 
 def _tree(path: Path) -> dict[str, bytes]:

@@ -7,6 +7,7 @@ condition vectors, sign bundles, the coordinator verifies and merges them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,8 @@ import pytest
 import scipy.sparse as sp
 
 from fedarches.cli import main
+from fedarches.config import MapSettings
+from fedarches.errors import FedarchesError, ManifestError, VersionManifestError
 from fedarches.format.bundle import audit_bundle, read_bundle
 from fedarches.model import LATENT_KEY, FedArchesModel
 from fedarches.server import Atlas
@@ -229,12 +232,12 @@ def test_merge_exactness_two_sites(mapped, data, tmp_path, capsys):
     )
     # resubmitting is a no-op, and the site that mapped again after the merge has nothing new
     assert atlas.merge([a_bundle]).published == []
-    assert (
-        main(_site_map_args(mapped["url"], d, "site-a", tmp_path / "again"))
-        == 2
-    )
-    assert "already in the model" in capsys.readouterr().err
-    assert not (tmp_path / "again").exists()
+    again = tmp_path / "again"
+    assert main(_site_map_args(mapped["url"], d, "site-a", again)) == 0
+    assert "nothing new: all 1 studies" in capsys.readouterr().out
+    report = json.loads((again / "report.json").read_text())
+    assert report["status"] == "nothing-new" and report["plan"]["held"] == ["site_a_study"]
+    assert report["atlas"]["version"] == 2 and sorted(p.name for p in again.iterdir()) == ["report.json"]
 
 
 def test_failed_map_leaves_no_output(world, tmp_path, capsys):
@@ -308,9 +311,8 @@ def test_nb_model_through_the_python_api(data, tmp_path):
                 data=adata,
                 condition_key="study",
                 out_dir=tmp_path / name / "out",
-                epochs=3,
+                settings=MapSettings(epochs=3, threads=1),
                 cache_dir=tmp_path / name / "cache",
-                threads=1,
             )
             rep = audit_bundle(r.bundle_bytes(), cfg)
             assert rep["size_matches_formula"] and len(rep["tensors"]) == 3  # encoder, decoder, dispersion
@@ -325,3 +327,40 @@ def test_nb_model_through_the_python_api(data, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("damage", ["atlas-version.json", "manifest.json"])
+def test_damaged_fetched_directory_is_a_one_line_error(world, data, tmp_path, damage):
+    from fedarches.client import map_local
+
+    d = world["sites"]["site-b"]
+    fetched = tmp_path / "v1"
+    assert main(["site", "fetch", "--atlas", world["url"], "--trust", str(d / "root.json"), "--cache",
+                 str(d / "cache"), "--version", "1", "--out", str(fetched)]) == 0
+    path = fetched / damage
+    path.write_text(path.read_text().replace('"conditions"', '"conditionz"', 1))
+    with pytest.raises(FedarchesError) as info:
+        map_local(fetched, key=d / "key", site="site-b", data=data[2], condition_key="study",
+                  out_dir=tmp_path / "out", settings=MapSettings(epochs=1, threads=1))
+    assert isinstance(info.value, VersionManifestError if damage == "atlas-version.json" else ManifestError)
+    assert "\n" not in str(info.value) and str(info.value).startswith(info.value.check)
+    assert not (tmp_path / "out").exists()
+
+
+def test_same_data_and_settings_give_byte_identical_bundles(world, data, tmp_path):
+    """Held studies in the site's data do not change what it maps, and no timing enters the bundle."""
+    from fedarches.client import map_local
+
+    ref, _, site_b = data
+    d = world["sites"]["site-b"]
+    fetched = tmp_path / "v1"
+    assert main(["site", "fetch", "--atlas", world["url"], "--trust", str(d / "root.json"), "--cache",
+                 str(d / "cache"), "--version", "1", "--out", str(fetched)]) == 0
+    settings = MapSettings(epochs=2, threads=1, seed=3)
+    mixed = ad.concat([ref, site_b])
+    mixed.obs["study"] = pd.Categorical(mixed.obs["study"].astype(str))
+    runs = [map_local(fetched, key=d / "key", site="site-b", data=x, condition_key="study",
+                      out_dir=tmp_path / f"out{i}", settings=settings) for i, x in enumerate((site_b, mixed))]
+    assert runs[0].bundle_bytes() == runs[1].bundle_bytes()
+    assert runs[1].plan.held == ["ref_a", "ref_b"] and runs[1].conditions == ["site_b_study"]
+    assert not any("seconds" in k for k in read_bundle(runs[0].bundle_path).manifest.metrics)

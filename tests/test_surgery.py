@@ -43,7 +43,7 @@ def test_conditions_finetuning_changes_only_new_slices(kind, trvae_model, nb_mod
     before = _hashes(model)
     res = model.map_query(query, "study", epochs=5, progress=False)
     after = _hashes(res.model)
-    new = res.report["new_conditions"]
+    new = res.report.new_conditions
     assert new == ["study_2"]
     changed = {k for k in after if before.get(k) != after[k]}
     new_keys = {k for k in after if k.split("/", 1)[-1] in new}
@@ -60,9 +60,9 @@ def test_report_counts_only_new_condition_parameters(kind, trvae_model, nb_model
     c = model.config
     p, q = c.hidden[0], c.hidden[-1]
     expected = 1 * (p + q) + (c.n_genes if kind == "nb" else 0)
-    assert res.report["trainable_parameters"] == expected
-    assert res.report["total_parameters"] > 20 * expected
-    assert res.report["epochs"] == 2 and res.report["seconds"] > 0
+    assert res.report.trainable_parameters == expected
+    assert res.report.total_parameters > 20 * expected
+    assert res.report.epochs == 2 and res.report.seconds > 0
 
 
 def test_reference_cells_keep_their_latent_in_extended_model(model, tiny_data):
@@ -106,10 +106,10 @@ def test_other_strategies_train_what_they_name(strategy, trvae_model, tiny_data)
         c = trvae_model.config
         first_layers = (c.n_genes + 1) * c.hidden[0] + (c.latent_dim + 1) * c.hidden[-1]
         conds = len(res.model.conditions) * (c.hidden[0] + c.hidden[-1])
-        assert res.report["trainable_parameters"] == first_layers + conds
+        assert res.report.trainable_parameters == first_layers + conds
     else:
         assert "mu.weight" in changed and "out.weight" in changed
-        assert res.report["trainable_parameters"] == res.report["total_parameters"]
+        assert res.report.trainable_parameters == res.report.total_parameters
 
 
 def test_same_seed_same_model(trvae_model, tiny_data):

@@ -86,3 +86,18 @@ class TrainConfig(BaseModel):
     seed: int = 0
     threads: int | None = None  # None: leave torch's own setting
     strategy: Strategy = "conditions"
+
+
+class MapSettings(BaseModel):
+    """How a site (or a single machine) maps a query: one object from the CLI or
+    the Flower run config down to ``map_query``, so no layer rebuilds it from
+    loose keyword arguments and every entry point maps the same way."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int | None = None  # None: the model's own schedule
+    strategy: Strategy = "conditions"
+    seed: int = 0
+    threads: int | None = Field(default=None, ge=1)
+    conditions_per_round: int = Field(default=0, ge=0)  # 0 = map every new condition
+    progress: bool = False

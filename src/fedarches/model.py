@@ -10,7 +10,7 @@ AnnData (as scvi-tools separates ``module`` from ``model``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,22 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from fedarches.config import ModelConfig, ModelKind, Strategy, STRATEGIES, TrainConfig
+from fedarches.config import MODEL_KINDS, MapSettings, ModelConfig, ModelKind, STRATEGIES, TrainConfig
 from fedarches.data.batches import chunked_rows, dense_rows
+from fedarches.data.conditions import ordered_conditions
 from fedarches.data.genes import align_genes, select_genes
 from fedarches.data.validation import check_gene_names, check_shape, check_values, condition_labels, get_matrix
-from fedarches.errors import FedarchesError, InputDataError, ModelFileError
+from fedarches.errors import (
+    FedarchesError,
+    InputDataError,
+    ModelFileError,
+    NothingToMapError,
+    SettingError,
+    UnknownConditionError,
+)
 from fedarches.labels import KNNLabelTransfer, LabelTransferResult
 from fedarches.models.cvae import CVAE
+from fedarches.report import LabelTransferSummary, MapReport
 from fedarches.format.model_dir import CONDITIONS, ModelManifest, REFERENCE, WEIGHTS, load_model_dir, save_model_dir
 from fedarches.training import MatrixSource, ProjectedSource, TrainHistory, copy_module
 from fedarches.training import train as train_loop
@@ -50,7 +59,7 @@ class PreparedData:
 class MapResult:
     model: "FedArchesModel"
     adata: ad.AnnData
-    report: dict[str, Any] = field(default_factory=dict)
+    report: MapReport
 
 
 @dataclass
@@ -155,8 +164,8 @@ class FedArchesModel:
         (0 keeps all); the list is stored in the model. ``config`` overrides paper
         defaults (e.g. ``{"hidden": (128, 128)}``).
         """
-        if kind not in ("trvae", "nb"):
-            raise InputDataError(f"unknown model {kind!r}; choose 'trvae' or 'nb'")
+        if kind not in MODEL_KINDS:
+            raise SettingError(f"setting check failed: unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
         train = train or TrainConfig()
         check_shape(adata)
         check_gene_names(adata.var_names)
@@ -167,7 +176,7 @@ class FedArchesModel:
         var_names = adata.var_names.astype(str).tolist()
         genes = select_genes(x_full, var_names, conditions, n_genes)
         data = _prepare_matrix(x_full, var_names, conditions, kind, genes)
-        names = _ordered_unique(adata.obs[condition_key], conditions)
+        names = ordered_conditions(adata.obs[condition_key])
         model_config = ModelConfig.paper_defaults(kind, len(genes))
         if config:
             model_config = ModelConfig.model_validate({**model_config.model_dump(), **config})
@@ -195,40 +204,42 @@ class FedArchesModel:
         adata: ad.AnnData,
         condition_key: str | None = None,
         *,
-        strategy: Strategy = "conditions",
-        epochs: int | None = None,
-        seed: int = 0,
+        settings: MapSettings | None = None,
         layer: str | None = None,
-        threads: int | None = None,
-        progress: bool = True,
+        **legacy: Any,
     ) -> MapResult:
         """Architecture surgery + fine-tuning on a query, then embedding and label transfer.
 
-        Only the query's new conditions are added; ``strategy`` says what trains
-        (``conditions``: only their rows). Returns the extended model (this one is
-        left untouched), the query with latent and predictions, and a report.
+        Only the query's new conditions are added; ``settings.strategy`` says what
+        trains (``conditions``: only their rows). The keyword arguments
+        ``strategy``, ``epochs``, ``seed``, ``threads`` and ``progress`` still
+        work and override ``settings`` (default progress: on). Returns the
+        extended model (this one is left untouched), the query with latent and
+        predictions, and a typed report.
         """
-        if strategy not in STRATEGIES:
-            raise InputDataError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        settings = _map_settings(settings, legacy)
+        strategy = settings.strategy
         key = condition_key or self.condition_key
         data, _ = _prepare(adata, self.config.kind, self.genes, key, layer)
         known = set(self.conditions)
-        new = _ordered_unique(adata.obs[key], data.conditions, exclude=known)
+        new = [c for c in ordered_conditions(adata.obs[key]) if c not in known]
         if not new:
-            raise InputDataError(
-                f"every condition in {key!r} ({', '.join(sorted(set(data.conditions)))}) is already in the model; "
-                "nothing to map by surgery. Use `fedarches embed` (FedArchesModel.embed) for conditions the model holds"
+            raise NothingToMapError(
+                f"new condition check failed: every condition in {key!r} "
+                f"({', '.join(sorted(set(data.conditions)))}) is already in the model; nothing to map by surgery. "
+                "Use `fedarches embed` (FedArchesModel.embed) for conditions the model holds"
             )
         t_start = time.perf_counter()
         module = copy_module(self.module)
         module.add_conditions(new)
-        names = module.conditions
-        index = {n: i for i, n in enumerate(names)}
+        index = {n: i for i, n in enumerate(module.conditions)}
         cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
         rows = np.nonzero(np.isin(data.conditions, new))[0]
         params = module.set_trainable(strategy)
-        cfg = self.train_config.model_copy(update={"epochs": epochs, "seed": seed, "strategy": strategy,
-                                                   "threads": threads if threads is not None else self.train_config.threads})
+        cfg = self.train_config.model_copy(update={
+            "epochs": settings.epochs, "seed": settings.seed, "strategy": strategy,
+            "threads": settings.threads if settings.threads is not None else self.train_config.threads,
+        })
         sub_x = data.x[rows]
         sub_lib = data.library[rows] if data.library is not None else None
         if strategy == "conditions":
@@ -237,7 +248,7 @@ class FedArchesModel:
         else:
             source = MatrixSource(module, sub_x, cond_idx[rows], sub_lib)
         setup = time.perf_counter() - t_start
-        history = train_loop(module, source, params, cfg, query=True, progress=progress,
+        history = train_loop(module, source, params, cfg, query=True, progress=settings.progress,
                              description=f"query ({strategy})")
         history.setup_seconds = setup
         for p in module.parameters():
@@ -246,29 +257,30 @@ class FedArchesModel:
                                train_config=self.train_config, label_key=self.label_key, reference=self.reference)
         model.last_history = history
         out = model._annotate(adata, data, cond_idx)
-        trainable = sum(p.numel() for p in params)
-        report = {
-            "strategy": strategy,
-            "model": self.config.kind,
-            "new_conditions": new,
-            "n_cells": int(adata.n_obs),
-            "n_cells_trained": int(len(rows)),
-            "gene_overlap": round(data.gene_overlap, 6),
-            "trainable_parameters": int(trainable),
-            "total_parameters": int(sum(p.numel() for p in module.parameters())),
-            "expected_trainable_parameters": (
+        label_transfer = None
+        if self.label_key and self.label_key in adata.obs and self.reference is not None:
+            label_transfer = _accuracy_summary(out, self.label_key, self.reference.categories)
+        report = MapReport(
+            strategy=strategy,
+            model=self.config.kind,
+            new_conditions=new,
+            n_cells=int(adata.n_obs),
+            n_cells_trained=int(len(rows)),
+            gene_overlap=round(data.gene_overlap, 6),
+            trainable_parameters=int(sum(p.numel() for p in params)),
+            total_parameters=int(sum(p.numel() for p in module.parameters())),
+            expected_trainable_parameters=(
                 self.config.condition_parameter_count(len(new)) if strategy == "conditions" else None
             ),
-            "epochs": history.epochs,
-            "best_epoch": history.best_epoch,
-            "stopped_early": history.stopped_early,
-            "seconds": round(time.perf_counter() - t_start, 4),
-            "setup_seconds": round(setup, 4),
-            "seconds_per_epoch": round(float(np.mean(history.epoch_seconds)), 6) if history.epoch_seconds else None,
-            "final_loss": history.train_loss[-1] if history.train_loss else None,
-        }
-        if self.label_key and self.label_key in adata.obs and self.reference is not None:
-            report["label_transfer"] = _accuracy_summary(out, self.label_key, self.reference.categories)
+            epochs=history.epochs,
+            best_epoch=history.best_epoch,
+            stopped_early=history.stopped_early,
+            seconds=round(time.perf_counter() - t_start, 4),
+            setup_seconds=round(setup, 4),
+            seconds_per_epoch=round(float(np.mean(history.epoch_seconds)), 6) if history.epoch_seconds else None,
+            final_loss=history.train_loss[-1] if history.train_loss else None,
+            label_transfer=label_transfer,
+        )
         return MapResult(model=model, adata=out, report=report)
 
     def embed(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None) -> ad.AnnData:
@@ -278,9 +290,10 @@ class FedArchesModel:
         index = {n: i for i, n in enumerate(self.conditions)}
         unknown = sorted(set(data.conditions) - set(index))
         if unknown:
-            raise InputDataError(
-                f"conditions {unknown} are not in the model (it holds {len(index)}: "
-                f"{', '.join(self.conditions[:8])}{'...' if len(index) > 8 else ''}); map them first with `fedarches map`"
+            raise UnknownConditionError(
+                f"known condition check failed: conditions {unknown} are not in the model (it holds {len(index)}: "
+                f"{', '.join(self.conditions[:8])}{'...' if len(index) > 8 else ''}); map them first "
+                "(`fedarches map` on a single machine, `fedarches site map` at a site)"
             )
         cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
         return self._annotate(adata, data, cond_idx)
@@ -416,26 +429,34 @@ class FedArchesModel:
 
 
 
-def _ordered_unique(column: pd.Series, values: np.ndarray, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
-    """Condition names in category order when categorical (what users see), else sorted."""
-    present = set(values.tolist())
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        names = [str(c) for c in column.cat.categories if str(c) in present]
-    else:
-        names = sorted(present)
-    return [n for n in names if n not in exclude]
+_LEGACY_MAP_ARGS = ("strategy", "epochs", "seed", "threads", "progress")
 
 
-def _accuracy_summary(adata: ad.AnnData, label_key: str, known: list[str]) -> dict[str, Any]:
+def _map_settings(settings: MapSettings | None, legacy: dict[str, Any]) -> MapSettings:
+    """One ``MapSettings`` from a settings object and/or the older keyword arguments."""
+    unknown = sorted(set(legacy) - set(_LEGACY_MAP_ARGS))
+    if unknown:
+        raise TypeError(f"map_query() got unexpected keyword arguments {unknown}")
+    strategy = legacy.get("strategy", settings.strategy if settings else "conditions")
+    if strategy not in STRATEGIES:
+        raise SettingError(
+            f"setting check failed: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
+        )
+    base = settings if settings is not None else MapSettings(progress=True)
+    return base.model_copy(update=legacy) if legacy else base
+
+
+def _accuracy_summary(adata: ad.AnnData, label_key: str, known: list[str]) -> LabelTransferSummary:
     """Accuracy on cells whose true type the reference holds (unknown counts as wrong),
     and the fraction of cells of unseen types called unknown."""
     truth = adata.obs[label_key].astype(str).to_numpy()
     pred = adata.obs[f"{label_key}_pred"].astype(str).to_numpy()
     unknown = adata.obs[f"{label_key}_unknown"].to_numpy(dtype=bool)
     is_known = np.isin(truth, known)
-    out: dict[str, Any] = {"n_known": int(is_known.sum()), "n_unseen": int((~is_known).sum())}
-    out["accuracy_known"] = float((pred[is_known] == truth[is_known]).mean()) if is_known.any() else None
-    out["unseen_called_unknown"] = float(unknown[~is_known].mean()) if (~is_known).any() else None
-    out["known_called_unknown"] = float(unknown[is_known].mean()) if is_known.any() else None
-    return out
-
+    return LabelTransferSummary(
+        n_known=int(is_known.sum()),
+        n_unseen=int((~is_known).sum()),
+        accuracy_known=float((pred[is_known] == truth[is_known]).mean()) if is_known.any() else None,
+        unseen_called_unknown=float(unknown[~is_known].mean()) if (~is_known).any() else None,
+        known_called_unknown=float(unknown[is_known].mean()) if is_known.any() else None,
+    )

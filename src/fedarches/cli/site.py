@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedarches.config import STRATEGIES
+from fedarches.cli.core import map_settings, map_options
 
 
 def _atlas_args(q: argparse.ArgumentParser) -> None:
@@ -37,18 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--key", required=True, metavar="KEY_DIR", help="directory from `fedarches site keygen`")
     q.add_argument("--site", required=True, help="this site's enrolled name")
     q.add_argument("--data", required=True, help="query .h5ad with raw counts (never leaves the site)")
-    q.add_argument("--condition-key", required=True, help="obs column with the study / batch names to add")
-    q.add_argument("--epochs", type=int, default=None)
-    q.add_argument(
-        "--strategy",
-        choices=list(STRATEGIES),
-        default="conditions",
-        help="conditions: merges into the main line; input-layers/full: published as a branch",
-    )
     q.add_argument("--version", type=int, default=None, help="version number to map onto (default: newest)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    map_options(q)
     q.add_argument("--out", required=True, metavar="OUT_DIR")
     q.set_defaults(func=cmd_map)
 
@@ -74,7 +64,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from fedarches.client import map_and_contribute
+    from fedarches.client import STATUS_NOTHING_NEW, map_and_contribute
 
     r = map_and_contribute(
         atlas_url=args.atlas,
@@ -84,23 +74,22 @@ def cmd_map(args: argparse.Namespace) -> int:
         data=args.data,
         condition_key=args.condition_key,
         out_dir=args.out,
-        epochs=args.epochs,
-        strategy=args.strategy,
+        settings=map_settings(args),
         version=args.version,
         cache_dir=args.cache,
-        seed=args.seed,
-        threads=args.threads,
-        progress=not args.quiet,
     )
-    rep = r.report
-    b = rep["bundle"]
+    if r.status == STATUS_NOTHING_NEW:
+        print(f"nothing new: all {len(r.plan.present)} studies of this site ({', '.join(r.plan.present)}) "
+              f"are already in version {r.parent.number}; report in {r.report_path}")
+        return 0
+    m, b = r.report.map, r.report.bundle
+    assert m is not None and b is not None
     print(
-        f"mapped {', '.join(r.conditions)} onto version {r.parent.number} ({rep['strategy']}, "
-        f"{rep['trainable_parameters']} trainable parameters, {rep['epochs']} epochs, {rep['seconds']:.1f} s)"
+        f"mapped {', '.join(r.conditions)} onto version {r.parent.number} ({m.strategy}, "
+        f"{m.trainable_parameters} trainable parameters, {m.epochs} epochs, {m.seconds:.1f} s)"
     )
-    lt = rep.get("label_transfer") or {}
-    if lt.get("accuracy_known") is not None:
-        print(f"label transfer accuracy on known types: {lt['accuracy_known']:.3f}")
+    if m.label_transfer is not None and m.label_transfer.accuracy_known is not None:
+        print(f"label transfer accuracy on known types: {m.label_transfer.accuracy_known:.3f}")
     print(f"results (stay here): {r.query_path}, {r.report_path}")
-    print(f"contribution (send this file to the coordinator): {r.bundle_path} ({b['bytes']} bytes)")
+    print(f"contribution (send this file to the coordinator): {r.bundle_path} ({b.bytes} bytes)")
     return 0

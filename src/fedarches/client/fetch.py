@@ -32,7 +32,20 @@ from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
-from fedarches.errors import VerificationError
+from fedarches.errors import (
+    DownloadError,
+    ExpiryError,
+    HashError,
+    LengthError,
+    MetadataError,
+    RollbackError,
+    SignatureError,
+    TargetError,
+    TrustRootError,
+    UnknownVersionError,
+    VerificationError,
+    VersionManifestError,
+)
 from fedarches.format.version import AtlasVersion, LINEAGE_TARGET, Lineage, LineageEntry, MAIN_BRANCH, blob_target, version_target, write_model_dir
 
 CACHE_ENV = "FEDARCHES_CACHE"
@@ -52,46 +65,46 @@ def tuf_error(exc: BaseException, what: str) -> VerificationError:
     """Name the TUF check that failed, and what the site can do about it."""
     msg = str(exc) or type(exc).__name__
     if isinstance(exc, tuf_exc.ExpiredMetadataError):
-        return VerificationError(
+        return ExpiryError(
             f"expiry check failed while {what}: {msg}. The atlas metadata is past its expiry date: either "
             "the coordinator stopped re-signing (ask it to run `fedarches atlas refresh`) or someone is "
             "replaying old metadata (a freeze attack). Nothing was loaded"
         )
     if isinstance(exc, tuf_exc.BadVersionNumberError):
-        return VerificationError(
+        return RollbackError(
             f"rollback check failed while {what}: {msg}. The server offers older metadata than this site "
             "has already seen; refusing to go back to an old atlas version. Nothing was loaded"
         )
     if isinstance(exc, tuf_exc.UnsignedMetadataError):
-        return VerificationError(
+        return SignatureError(
             f"signature check failed while {what}: {msg}. The metadata is not signed by the keys of the "
             "pinned root.json (wrong --trust file, or tampered metadata). Nothing was loaded"
         )
     if isinstance(exc, tuf_exc.LengthOrHashMismatchError):
-        return VerificationError(
+        return HashError(
             f"hash check failed while {what}: {msg}. A file differs from what the atlas signed "
             "(tampered or corrupted on the server or in transit). Nothing was loaded"
         )
     if isinstance(exc, tuf_exc.DownloadLengthMismatchError):
-        return VerificationError(
+        return LengthError(
             f"length check failed while {what}: {msg}. The server sent more data than the signed "
             "length allows (an endless-data attack or a broken server). Nothing was loaded"
         )
     if isinstance(exc, tuf_exc.SlowRetrievalError):
-        return VerificationError(f"download speed check failed while {what}: {msg}. Nothing was loaded")
+        return DownloadError(f"download speed check failed while {what}: {msg}. Nothing was loaded")
     if isinstance(exc, tuf_exc.DownloadHTTPError):
-        return VerificationError(
+        return DownloadError(
             f"download check failed while {what}: HTTP {exc.status_code} ({msg}); is --atlas the URL "
             "that `fedarches atlas serve` prints? Nothing was loaded"
         )
     if isinstance(exc, tuf_exc.DownloadError):
         cause = exc.__cause__ or exc.__context__
         detail = f"{msg} ({cause})" if cause else msg
-        return VerificationError(
+        return DownloadError(
             f"download check failed while {what}: {detail}; is the atlas server running and --atlas right?"
         )
     if isinstance(exc, tuf_exc.RepositoryError):
-        return VerificationError(f"metadata check failed while {what}: {msg}. Nothing was loaded")
+        return MetadataError(f"metadata check failed while {what}: {msg}. Nothing was loaded")
     return VerificationError(f"check failed while {what}: {type(exc).__name__}: {msg}")
 
 
@@ -136,7 +149,7 @@ class AtlasClient:
         else:
             p = Path(trust)
             if not p.is_file():
-                raise VerificationError(
+                raise TrustRootError(
                     f"trust root check failed: {p} does not exist; pass the root.json the coordinator "
                     "handed you (`fedarches atlas init` prints where it is)"
                 )
@@ -174,7 +187,7 @@ class AtlasClient:
                         bootstrap=self.root_bytes,
                     )
                 except (tuf_exc.RepositoryError, ValueError) as exc:
-                    raise VerificationError(
+                    raise TrustRootError(
                         f"trust root check failed: the pinned root.json is not valid TUF root metadata ({exc})"
                     ) from exc
                 yield updater
@@ -196,7 +209,7 @@ class AtlasClient:
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
             raise tuf_error(exc, what) from exc
         if info is None:
-            raise VerificationError(f"target check failed while {what}: the atlas does not publish {path}")
+            raise TargetError(f"target check failed while {what}: the atlas does not publish {path}")
         try:
             local = updater.download_target(info)
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as exc:
@@ -223,7 +236,7 @@ class AtlasClient:
             return lineage.by_number(version)
         head = lineage.head(branch)
         if head is None:
-            raise VerificationError(
+            raise UnknownVersionError(
                 f"version check failed: atlas {lineage.atlas!r} has published no version on branch {branch!r} yet "
                 "(the coordinator runs `fedarches atlas build` first)"
             )
@@ -240,7 +253,7 @@ class AtlasClient:
             data = self._download(updater, version_target(entry.id), f"{what} (manifest)")
             manifest = AtlasVersion.from_bytes(data, expected_id=entry.id)
             if manifest.number != entry.number or manifest.branch != entry.branch or manifest.atlas != lineage.atlas:
-                raise VerificationError(
+                raise VersionManifestError(
                     f"version manifest check failed: version {entry.number} manifest says number "
                     f"{manifest.number}, branch {manifest.branch!r}, atlas {manifest.atlas!r}"
                 )
@@ -248,7 +261,7 @@ class AtlasClient:
             for filename, ref in sorted(manifest.blobs.items()):
                 blob = self._download(updater, blob_target(ref.sha256), f"{what} ({filename})")
                 if hashlib.sha256(blob).hexdigest() != ref.sha256:
-                    raise VerificationError(
+                    raise HashError(
                         f"hash check failed while {what}: {filename} is not the blob its manifest names"
                     )
                 blobs[filename] = blob
@@ -265,15 +278,3 @@ class AtlasClient:
         manifest, entry, blobs = self.fetch_blobs(version, branch=branch)
         path = write_model_dir(out_dir, manifest, blobs)
         return FetchedVersion(path=path, version=manifest, entry=entry)
-
-
-def fetch_version(
-    url: str,
-    trust: str | os.PathLike[str] | bytes,
-    out_dir: str | os.PathLike[str],
-    version: int | None = None,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> FetchedVersion:
-    """``site fetch`` as a function."""
-    return AtlasClient(url, trust, cache_dir=cache_dir).fetch(out_dir, version)

@@ -1,0 +1,110 @@
+"""Mapping a query into an output directory: the one writer of ``query.h5ad``, ``model/``
+and ``report.json``, used by ``fedarches map`` and by a site's ``map_local``.
+
+Why staged: a mapping killed half-way (or refused by a later check) must leave
+either the previous output or none, never a model without its report. Every
+output is written into a temporary sibling and moved into place in one rename
+(``fedarches.atomic``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+
+from fedarches.atomic import fsync_dir, replace_dir, staged_dir, write_text
+from fedarches.config import MapSettings
+from fedarches.errors import OutputPathError
+
+if TYPE_CHECKING:
+    from fedarches.model import FedArchesModel, MapResult
+
+QUERY_FILE = "query.h5ad"
+REPORT_FILE = "report.json"
+MODEL_SUBDIR = "model"
+
+
+@dataclass(frozen=True)
+class MapOutputs:
+    """Where ``map_to_directory`` put things, and the mapping itself."""
+
+    out_dir: Path
+    model_dir: Path
+    query_path: Path
+    report_path: Path
+    result: "MapResult"
+
+
+def check_out_dir(path: str | os.PathLike[str], *, marker: str = REPORT_FILE) -> Path:
+    """``path`` may be replaced: absent, empty, or an earlier output (it holds ``marker``).
+
+    Why refuse anything else: the output is swapped in whole, so pointing
+    ``--out`` at a directory of other files would remove them.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"output path check failed: --out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise OutputPathError(
+            f"output path check failed: {out} exists and is not an earlier output of this command; "
+            "choose another --out"
+        )
+    return out
+
+
+def write_report(directory: Path, report: dict[str, Any]) -> Path:
+    return write_text(directory / REPORT_FILE, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_mapped(directory: Path, result: "MapResult") -> None:
+    """The mapped model and the annotated query (the report comes last, from the caller)."""
+    result.model.save(directory / MODEL_SUBDIR)
+    write_h5ad(result.adata, directory / QUERY_FILE)
+
+
+def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
+    """An h5ad written next to ``path`` and renamed into place (anndata writes by name, not bytes)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        adata.write_h5ad(tmp, compression="gzip")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def map_to_directory(
+    model: "FedArchesModel",
+    adata: ad.AnnData,
+    condition_key: str | None,
+    out_dir: str | os.PathLike[str],
+    settings: MapSettings = MapSettings(),
+    *,
+    layer: str | None = None,
+) -> MapOutputs:
+    """``fedarches map``: surgery + fine-tuning, then ``model/``, ``query.h5ad``, ``report.json`` in ``out_dir``."""
+    out = check_out_dir(out_dir)
+    result = model.map_query(adata, condition_key, settings=settings, layer=layer)
+    with staged_dir(out) as work:
+        write_mapped(work, result)
+        write_report(work, result.report.to_dict())
+        replace_dir(work, out)
+    return MapOutputs(
+        out_dir=out,
+        model_dir=out / MODEL_SUBDIR,
+        query_path=out / QUERY_FILE,
+        report_path=out / REPORT_FILE,
+        result=result,
+    )
+
+
+__all__ = ["MapOutputs", "check_out_dir", "map_to_directory", "write_h5ad", "write_mapped", "write_report"]
