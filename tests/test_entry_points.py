@@ -110,4 +110,9 @@ def test_cli_python_and_flower_agree(world, tmp_path):
     (flower_file,) = atlas.path.glob("federation/run-*/round-1/*site-a*.contribution.safetensors")
     flower_bundle = flower_file.read_bytes()
 
-    assert cli_bundle == py.bundle_bytes() == flower_bundle
+    from fedarches.format.bundle import read_bundle
+
+    py_bundle = py.bundle_bytes()
+    manifests = [read_bundle(b).manifest.model_dump() for b in (cli_bundle, py_bundle, flower_bundle)]
+    assert manifests[0] == manifests[1] == manifests[2]
+    assert cli_bundle == py_bundle == flower_bundle

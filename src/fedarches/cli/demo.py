@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fedarches.data.conditions import ordered_conditions
 from fedarches.errors import InputDataError
 
 MARKER = ".fedarches-demo"
@@ -83,8 +84,8 @@ def _split_generated(args: argparse.Namespace) -> tuple[Any, dict[str, list[Any]
     adata = simulate(n_cells=args.cells_per_study * n_studies, n_genes=args.genes, n_cell_types=6,
                      n_studies=n_studies, seed=args.seed)
     ckey, lkey = "study", "cell_type"
-    studies = _ordered(adata.obs[ckey])
-    types = _ordered(adata.obs[lkey])
+    studies = ordered_conditions(adata.obs[ckey])
+    types = ordered_conditions(adata.obs[lkey])
     holdout = args.holdout or types[-1]
     ref = adata[adata.obs[ckey].astype(str).isin(studies[:n_ref]).to_numpy()
                 & (adata.obs[lkey].astype(str) != holdout).to_numpy()].copy()
@@ -106,7 +107,7 @@ def _split_user(args: argparse.Namespace) -> tuple[Any, dict[str, list[Any]], st
     for key in (args.condition_key, args.label_key):
         if key not in adata.obs:
             raise InputDataError(f"{key!r} is not a column of {args.data} (obs: {', '.join(map(str, adata.obs.columns[:12]))})")
-    studies = _ordered(adata.obs[args.condition_key])
+    studies = ordered_conditions(adata.obs[args.condition_key])
     if args.reference_studies:
         reference = [s.strip() for s in args.reference_studies.split(",") if s.strip()]
         unknown = [s for s in reference if s not in studies]
@@ -131,13 +132,6 @@ def _split_user(args: argparse.Namespace) -> tuple[Any, dict[str, list[Any]], st
         name = f"site-{j % args.sites + 1}"
         sites[name].append(_study(adata, args.condition_key, s, s))
     return ref, sites, args.condition_key, args.label_key, args.holdout
-
-
-def _ordered(column: Any) -> list[str]:
-    """The studies of a column in the order every entry point uses (one library function)."""
-    from fedarches.data.conditions import ordered_conditions
-
-    return ordered_conditions(column)
 
 
 def _study(adata: Any, key: str, name: str, new_name: str) -> Any:
@@ -331,7 +325,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data_dir.mkdir()
     ref.write_h5ad(data_dir / "reference.h5ad")
     console.print(f"[bold]data[/]: reference {ref.n_obs} cells x {ref.n_vars} genes, studies "
-                  f"{', '.join(_ordered(ref.obs[ckey]))}" + (f", without {holdout!r}" if holdout else ""))
+                  f"{', '.join(ordered_conditions(ref.obs[ckey]))}" + (f", without {holdout!r}" if holdout else ""))
     timings["data"] = time.perf_counter() - t
 
     # 2. coordinator: atlas
@@ -360,7 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sites.append(SiteConfig(site=name, data=sdir / "data.h5ad", condition_key=ckey, key_dir=sdir / "keys",
                                 out_dir=sdir / "results", trust_root=sdir / "root.json",
                                 epochs=args.site_epochs, conditions_per_round=1))
-        console.print(f"[bold]{name}[/]: {data.n_obs} cells, studies {', '.join(_ordered(data.obs[ckey]))}; "
+        console.print(f"[bold]{name}[/]: {data.n_obs} cells, studies {', '.join(ordered_conditions(data.obs[ckey]))}; "
                       "key enrolled")
 
     # 4. serve + Flower

@@ -48,14 +48,13 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedarches.client.site import STATUS_CONTRIBUTED, STATUS_NOTHING_NEW
 from fedarches.errors import FedarchesError, ProtocolError, SettingError
 from fedarches.format.bundle import MAX_BUNDLE_BYTES
 
 PROTOCOL = "fedarches.map/1"
 RECORD = "fedarches"
 METRICS = "metrics"
-STATUS_CONTRIBUTED = "contributed"
-STATUS_NOTHING_NEW = "nothing-new"
 STATUS_FAILED = "failed"
 STATUSES = (STATUS_CONTRIBUTED, STATUS_NOTHING_NEW, STATUS_FAILED)
 ERROR_INTERNAL = 5001  # a bug or an environment problem at the site
