@@ -169,7 +169,9 @@ def test_simulation_rounds_survive_a_failing_site(world, tmp_path):
     assert by_round[1]["site-a"]["status"] == "accepted"
     assert by_round[1]["site-b"]["status"] == STATUS_NOTHING_NEW
     for r in by_round:
-        assert r["site-c"]["status"] == "error" and "no-such-column" in r["site-c"]["message"]
+        # a failed check is a structured reply: the site and the check are fields, not text to parse
+        assert r["site-c"]["status"] == "failed" and "no-such-column" in r["site-c"]["message"]
+        assert r["site-c"]["check"] and r["site-c"]["error_class"]
     # what came back from a site: scores, never cells
     assert 0.0 <= by_round[0]["site-a"]["metrics"]["label_transfer.accuracy_known"] <= 1.0
     assert "fedarches: round 1: site site-c failed" in result.output
@@ -179,7 +181,7 @@ def test_site_maps_new_studies_and_reports_nothing_new(world, tmp_path):
     """The ClientApp's work without Flower: contribute, then 'nothing new' on the merged
     version; a wrong trust root is an error naming the failed check."""
     from fedarches.errors import FedarchesError
-    from fedarches.federation.client_app import map_for_request
+    from fedarches.federation.client_app import handle_request
     from fedarches.server import make_server
 
     atlas = _copy_atlas(world, tmp_path / "atlas")
@@ -190,12 +192,12 @@ def test_site_maps_new_studies_and_reports_nothing_new(world, tmp_path):
         head = atlas.head()
         req = MapRequest(round=1, atlas_url=server.url, version=head.number, version_id=head.id,
                          trust_root=atlas.root_json.read_bytes(), epochs=SITE_EPOCHS)
-        reply = map_for_request(site, req)
+        reply = handle_request(site, req)
         assert reply.status == STATUS_CONTRIBUTED and list(reply.conditions) == world["sites"]["site-b"]["studies"]
         assert len(reply.bundle) < 64 * 1024  # weight slices, not cells
         merged = atlas.merge([reply.bundle])
         v2 = merged.version
-        again = map_for_request(site, MapRequest(round=2, atlas_url=server.url, version=v2.number,
+        again = handle_request(site, MapRequest(round=2, atlas_url=server.url, version=v2.number,
                                                  version_id=v2.id, trust_root=atlas.root_json.read_bytes()))
         assert again.status == STATUS_NOTHING_NEW and not again.bundle
 
@@ -204,7 +206,7 @@ def test_site_maps_new_studies_and_reports_nothing_new(world, tmp_path):
 
         Atlas.init(other, "someone-else")
         with pytest.raises(FedarchesError, match="check failed"):
-            map_for_request(_site(world, "site-a", tmp_path / "x"),
+            handle_request(_site(world, "site-a", tmp_path / "x"),
                             MapRequest(round=1, atlas_url=server.url, version=1, version_id=head.id,
                                        trust_root=(other / "root.json").read_bytes()))
     finally:

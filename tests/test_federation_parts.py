@@ -13,11 +13,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fedarches.errors import InputDataError
+from fedarches.errors import ColumnError, InputDataError, ProtocolError
 from fedarches.federation.app_dir import CLIENT_APP, RUN_CONFIG_DEFAULTS, SERVER_APP, write_app_dir
 from fedarches.federation.certs import make_supernode_keys, make_tls_certificates
 from fedarches.federation.protocol import (
     STATUS_CONTRIBUTED,
+    STATUS_FAILED,
     STATUS_NOTHING_NEW,
     MapReply,
     MapRequest,
@@ -66,12 +67,20 @@ def test_request_and_reply_records_round_trip():
     assert MapReply.from_content(nothing.to_content()).conditions == ()
 
 
+def test_failed_reply_carries_site_check_and_class():
+    exc = ColumnError("obs column check failed: 'x' is not a column")
+    back = MapReply.from_content(MapReply.failed("site-c", exc).to_content())
+    assert (back.status, back.site, back.check, back.error_class) == (
+        STATUS_FAILED, "site-c", "obs column check", "ColumnError")
+    assert back.message == str(exc)
+
+
 def test_reply_without_bundle_or_with_bad_status_is_refused():
     bad = MapReply(status=STATUS_CONTRIBUTED, site="a").to_content()
-    with pytest.raises(InputDataError, match="no bundle"):
+    with pytest.raises(ProtocolError, match="no bundle"):
         MapReply.from_content(bad)
     weird = MapReply(status="exploded", site="a").to_content()
-    with pytest.raises(InputDataError, match="status"):
+    with pytest.raises(ProtocolError, match="status"):
         MapReply.from_content(weird)
 
 

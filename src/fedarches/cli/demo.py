@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedarches.data.conditions import ordered_conditions
 from fedarches.errors import InputDataError
 
 MARKER = ".fedarches-demo"
@@ -82,8 +83,8 @@ def _split_generated(args: argparse.Namespace) -> tuple[Any, dict[str, list[Any]
     adata = simulate(n_cells=args.cells_per_study * n_studies, n_genes=args.genes, n_cell_types=6,
                      n_studies=n_studies, seed=args.seed)
     ckey, lkey = "study", "cell_type"
-    studies = _ordered(adata.obs[ckey])
-    types = _ordered(adata.obs[lkey])
+    studies = ordered_conditions(adata.obs[ckey])
+    types = ordered_conditions(adata.obs[lkey])
     holdout = args.holdout or types[-1]
     ref = adata[adata.obs[ckey].astype(str).isin(studies[:n_ref]).to_numpy()
                 & (adata.obs[lkey].astype(str) != holdout).to_numpy()].copy()
@@ -105,7 +106,7 @@ def _split_user(args: argparse.Namespace) -> tuple[Any, dict[str, list[Any]], st
     for key in (args.condition_key, args.label_key):
         if key not in adata.obs:
             raise InputDataError(f"{key!r} is not a column of {args.data} (obs: {', '.join(map(str, adata.obs.columns[:12]))})")
-    studies = _ordered(adata.obs[args.condition_key])
+    studies = ordered_conditions(adata.obs[args.condition_key])
     if args.reference_studies:
         reference = [s.strip() for s in args.reference_studies.split(",") if s.strip()]
         unknown = [s for s in reference if s not in studies]
@@ -130,13 +131,6 @@ def _split_user(args: argparse.Namespace) -> tuple[Any, dict[str, list[Any]], st
         name = f"site-{j % args.sites + 1}"
         sites[name].append(_study(adata, args.condition_key, s, s))
     return ref, sites, args.condition_key, args.label_key, args.holdout
-
-
-def _ordered(column: Any) -> list[str]:
-    if hasattr(column, "cat"):
-        present = set(column.astype(str))
-        return [str(c) for c in column.cat.categories if str(c) in present]
-    return sorted(set(column.astype(str)))
 
 
 def _study(adata: Any, key: str, name: str, new_name: str) -> Any:
@@ -231,7 +225,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedarches.federation.app_dir import write_app_dir
     from fedarches.testing.flower import start_deployment, start_simulation
     from fedarches.federation.protocol import SiteConfig, write_sim_sites
-    from fedarches.server import Atlas, make_server
+    from fedarches.server import Atlas
+    from fedarches.server.http import serve_atlas
     from fedarches.format.signing import keygen
 
     if args.sites < 1 or args.rounds < 1:
@@ -251,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data_dir.mkdir()
     ref.write_h5ad(data_dir / "reference.h5ad")
     console.print(f"[bold]data[/]: reference {ref.n_obs} cells x {ref.n_vars} genes, studies "
-                  f"{', '.join(_ordered(ref.obs[ckey]))}" + (f", without {holdout!r}" if holdout else ""))
+                  f"{', '.join(ordered_conditions(ref.obs[ckey]))}" + (f", without {holdout!r}" if holdout else ""))
     timings["data"] = time.perf_counter() - t
 
     # 2. coordinator: atlas
@@ -280,12 +275,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sites.append(SiteConfig(site=name, data=sdir / "data.h5ad", condition_key=ckey, key_dir=sdir / "keys",
                                 out_dir=sdir / "results", trust_root=sdir / "root.json",
                                 epochs=args.site_epochs, conditions_per_round=1))
-        console.print(f"[bold]{name}[/]: {data.n_obs} cells, studies {', '.join(_ordered(data.obs[ckey]))}; "
+        console.print(f"[bold]{name}[/]: {data.n_obs} cells, studies {', '.join(ordered_conditions(data.obs[ckey]))}; "
                       "key enrolled")
 
     # 4. serve + Flower
-    server = make_server(atlas.repository_dir, "127.0.0.1", 0)
-    server.start_background()
+    server = serve_atlas(atlas, "127.0.0.1", 0)  # keeps the timestamp metadata fresh during the run
     console.print(f"[bold]coordinator[/]: serving the atlas at {server.url}")
     app_dir = write_app_dir(out / "flower" / "fedarches-app")
     report_path = out / "federation-report.json"
@@ -321,8 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         if fed is not None:
             fed.stop()
-        server.shutdown()
-        server.server_close()
+        server.close()
     (out / "flower" / "flwr-run.log").write_text(result.output)
     timings["flower"] = time.perf_counter() - t
     if not report_path.is_file():

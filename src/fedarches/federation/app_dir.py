@@ -4,8 +4,8 @@
 ``[tool.flwr.app]`` section. The project root is one (see its pyproject.toml);
 `write_app_dir` writes another one, holding only that file, so ``fedarches demo``
 and the deployment example work from an installed package without the source tree.
-Both point at the same components and use `RUN_CONFIG_DEFAULTS` (a test keeps the
-project's pyproject.toml equal to it).
+Both point at the same components and use `RunConfig`'s defaults (a test keeps the
+project's pyproject.toml equal to them).
 """
 
 from __future__ import annotations
@@ -15,24 +15,14 @@ from typing import Any
 
 import tomli_w
 
+from fedarches.atomic import write_text
+from fedarches.federation.run_config import RunConfig
+
 SERVER_APP = "fedarches.federation.server_app:app"
 CLIENT_APP = "fedarches.federation.client_app:app"
 APP_NAME = "fedarches-federation"
 
-RUN_CONFIG_DEFAULTS: dict[str, Any] = {
-    "num-server-rounds": 1,
-    "epochs": 0,
-    "strategy": "conditions",
-    "round-timeout": 600,
-    "atlas-dir": "",
-    "atlas-url": "",
-    "serve-host": "127.0.0.1",
-    "serve-port": 0,
-    "min-sites": 1,
-    "sites-timeout": 60,
-    "report": "",
-    "sim-sites": "",
-}
+RUN_CONFIG_DEFAULTS: dict[str, Any] = RunConfig.defaults()
 
 
 def app_pyproject(version: str | None = None) -> dict[str, Any]:
@@ -67,8 +57,9 @@ def write_app_dir(path: str | Path) -> Path:
     name (letters, digits, hyphens)."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    (p / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject()))
-    (p / "README.md").write_text(
+    write_text(p / "pyproject.toml", tomli_w.dumps(app_pyproject()))
+    write_text(
+        p / "README.md",
         "# fedarches Flower app\n\nWritten by `fedarches.federation.app_dir.write_app_dir`: "
         "`flwr run . <superlink>` from here runs fedarches' coordinator and sites.\n"
     )

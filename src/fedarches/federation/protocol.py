@@ -17,20 +17,24 @@ request (ServerApp -> ClientApp, message type ``train``), ``content["fedarches"]
 
 reply (ClientApp -> ServerApp), ``content["fedarches"]`` (ConfigRecord):
 
-    status       "contributed" | "nothing-new"
+    status       "contributed" | "nothing-new" | "failed"
     site         the site's name
     conditions   list of condition names the bundle adds (empty for nothing-new)
     bundle       bytes of the signed contribution bundle (only when contributed)
     message      one human-readable line
+    check        (failed only) the failed check, ``FedarchesError.check``
+    error-class  (failed only) the error's class name, e.g. "ColumnError"
 
 plus ``content["metrics"]``, a MetricRecord of the site's scalar metrics
 (label-transfer accuracy, fraction of unknown cells, seconds, ...). No cell, count,
 gene value or cell id is ever in a reply; the bundle is the same file
 `fedarches site map` writes and is verified by its signature, not by the channel.
 
-A site that fails replies with a Flower ``Error`` (code `ERROR_INPUT` when its own
-input is wrong, `ERROR_INTERNAL` otherwise) whose reason starts with the site name;
-the coordinator logs it and carries on with the other sites.
+A site whose input or configuration is wrong (a ``FedarchesError``) answers with
+a normal reply of status ``failed``, so the coordinator reads the site name and
+the failed check from fields instead of parsing error text. A Flower ``Error``
+(code `ERROR_INTERNAL`) is kept for bugs; the coordinator records its node id
+and reason as they are. Either way the round goes on with the other sites.
 """
 
 from __future__ import annotations
@@ -44,20 +48,17 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedarches.errors import InputDataError
+from fedarches.client.site import STATUS_CONTRIBUTED, STATUS_NOTHING_NEW
+from fedarches.errors import FedarchesError, ProtocolError, SettingError
+from fedarches.format.bundle import MAX_BUNDLE_BYTES
 
 PROTOCOL = "fedarches.map/1"
 RECORD = "fedarches"
 METRICS = "metrics"
-STATUS_CONTRIBUTED = "contributed"
-STATUS_NOTHING_NEW = "nothing-new"
-STATUSES = (STATUS_CONTRIBUTED, STATUS_NOTHING_NEW)
-ERROR_INPUT = 4001  # the site's data / configuration cannot be used (FedarchesError)
+STATUS_FAILED = "failed"
+STATUSES = (STATUS_CONTRIBUTED, STATUS_NOTHING_NEW, STATUS_FAILED)
 ERROR_INTERNAL = 5001  # a bug or an environment problem at the site
 
-# Largest bundle the coordinator accepts over Flower (a bundle's size is set by the
-# model shape; 64 MiB is far above any model this package builds).
-MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,10 @@ class MapRequest:
     @classmethod
     def from_content(cls, content: RecordDict) -> "MapRequest":
         if RECORD not in content.config_records:
-            raise InputDataError(f"message has no '{RECORD}' config record; not a fedarches request")
+            raise ProtocolError(f"protocol check failed: message has no '{RECORD}' config record; not a fedarches request")
         rec = content.config_records[RECORD]
         if rec.get("protocol") != PROTOCOL:
-            raise InputDataError(
+            raise ProtocolError(
                 f"protocol check failed: coordinator speaks {rec.get('protocol')!r}, this site {PROTOCOL!r}"
             )
         try:
@@ -112,7 +113,7 @@ class MapRequest:
                 strategy=str(rec.get("strategy", "conditions")),
             )
         except KeyError as exc:
-            raise InputDataError(f"request is missing field {exc}") from exc
+            raise ProtocolError(f"protocol check failed: request is missing field {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,14 @@ class MapReply:
     conditions: tuple[str, ...] = ()
     bundle: bytes = b""
     metrics: dict[str, float | int] = field(default_factory=dict)
+    check: str = ""
+    error_class: str = ""
+
+    @classmethod
+    def failed(cls, site: str, exc: FedarchesError) -> "MapReply":
+        """The reply of a site whose input failed a check: named fields, no text to parse."""
+        return cls(status=STATUS_FAILED, site=site, message=str(exc), check=exc.check,
+                   error_class=type(exc).__name__)
 
     def to_content(self) -> RecordDict:
         cfg: dict[str, Any] = {
@@ -131,6 +140,8 @@ class MapReply:
             "message": self.message,
             "conditions": list(self.conditions),
         }
+        if self.status == STATUS_FAILED:
+            cfg["check"], cfg["error-class"] = self.check, self.error_class
         if self.bundle:
             cfg["bundle"] = bytes(self.bundle)
         return RecordDict({RECORD: ConfigRecord(cfg), METRICS: MetricRecord(dict(self.metrics))})
@@ -142,18 +153,18 @@ class MapReply:
     @classmethod
     def from_content(cls, content: RecordDict) -> "MapReply":
         if RECORD not in content.config_records:
-            raise InputDataError("reply has no 'fedarches' config record")
+            raise ProtocolError("protocol check failed: reply has no 'fedarches' config record")
         rec = content.config_records[RECORD]
         status = str(rec.get("status", ""))
         if status not in STATUSES:
-            raise InputDataError(f"reply status {status!r} is not one of {STATUSES}")
+            raise ProtocolError(f"protocol check failed: reply status {status!r} is not one of {STATUSES}")
         bundle = rec.get("bundle", b"")
         if not isinstance(bundle, bytes):
-            raise InputDataError("reply field 'bundle' is not bytes")
+            raise ProtocolError("protocol check failed: reply field 'bundle' is not bytes")
         if len(bundle) > MAX_BUNDLE_BYTES:
-            raise InputDataError(f"reply bundle is {len(bundle)} bytes, above the {MAX_BUNDLE_BYTES} byte limit")
+            raise ProtocolError(f"protocol check failed: reply bundle is {len(bundle)} bytes, above the {MAX_BUNDLE_BYTES} byte limit")
         if status == STATUS_CONTRIBUTED and not bundle:
-            raise InputDataError("reply says 'contributed' but carries no bundle")
+            raise ProtocolError("protocol check failed: reply says 'contributed' but carries no bundle")
         conditions = rec.get("conditions", [])
         if isinstance(conditions, str):
             conditions = [conditions]
@@ -169,24 +180,15 @@ class MapReply:
             conditions=tuple(str(c) for c in conditions),
             bundle=bundle,
             metrics=metrics,
+            check=str(rec.get("check", "")),
+            error_class=str(rec.get("error-class", "")),
         )
 
 
-def scalar_metrics(values: Mapping[str, Any]) -> dict[str, float | int]:
-    """The finite int/float/bool entries of a report, as a MetricRecord accepts them."""
-    out: dict[str, float | int] = {}
-    for k, v in values.items():
-        if isinstance(v, bool):
-            out[str(k)] = int(v)
-        elif isinstance(v, int):
-            out[str(k)] = int(v)
-        elif isinstance(v, float) and math.isfinite(v):
-            out[str(k)] = float(v)
-        elif hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
-            item = v.item()
-            if isinstance(item, (int, float)) and math.isfinite(float(item)):
-                out[str(k)] = item
-    return out
+def reply_metrics(values: Mapping[str, Any]) -> dict[str, float | int]:
+    """What a MetricRecord takes of already sanitised metrics: numbers, booleans as 0/1."""
+    return {k: int(v) if isinstance(v, bool) else v for k, v in values.items()
+            if isinstance(v, (bool, int, float))}
 
 
 # --------------------------------------------------------------------------- site config
@@ -227,8 +229,8 @@ class SiteConfig:
     def from_mapping(cls, cfg: Mapping[str, Any], where: str = "node config") -> "SiteConfig":
         missing = [k for k in REQUIRED_NODE_KEYS if not str(cfg.get(k, "")).strip()]
         if missing:
-            raise InputDataError(
-                f"{where} is missing {', '.join(missing)}; start the SuperNode with "
+            raise SettingError(
+                f"setting check failed: {where} is missing {', '.join(missing)}; start the SuperNode with "
                 "--node-config 'site=\"NAME\" data=\"/path/site.h5ad\" condition-key=\"study\" "
                 "key-dir=\"/path/keys\"'"
             )
@@ -274,12 +276,12 @@ def load_sim_sites(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     p = Path(path)
     if not p.is_file():
-        raise InputDataError(f"simulation sites file {p} does not exist (run config 'sim-sites')")
+        raise SettingError(f"setting check failed: simulation sites file {p} does not exist (run config 'sim-sites')")
     with p.open("rb") as fh:
         doc = tomllib.load(fh)
     sites = doc.get("site")
     if not isinstance(sites, list) or not sites:
-        raise InputDataError(f"{p} has no [[site]] tables")
+        raise SettingError(f"setting check failed: {p} has no [[site]] tables")
     return [dict(s) for s in sites]
 
 
@@ -301,13 +303,13 @@ def site_config_from_context(node_config: Mapping[str, Any], run_config: Mapping
     if "partition-id" in node_config:
         sim = str(run_config.get("sim-sites", "") or os.environ.get("FEDARCHES_SIM_SITES", ""))
         if not sim:
-            raise InputDataError(
-                "simulated SuperNode without site settings: set run config 'sim-sites' to a TOML file "
+            raise SettingError(
+                "setting check failed: simulated SuperNode without site settings: set run config 'sim-sites' to a TOML file "
                 "with one [[site]] table per simulated SuperNode"
             )
         sites = load_sim_sites(sim)
         pid = int(node_config["partition-id"])
         if not 0 <= pid < len(sites):
-            raise InputDataError(f"partition-id {pid} has no [[site]] table in {sim} ({len(sites)} sites)")
+            raise SettingError(f"setting check failed: partition-id {pid} has no [[site]] table in {sim} ({len(sites)} sites)")
         return SiteConfig.from_mapping(sites[pid], where=f"{sim} [[site]] #{pid}")
     return SiteConfig.from_mapping(node_config)

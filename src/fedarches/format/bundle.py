@@ -219,7 +219,26 @@ def create_bundle(
     manifest_bytes = canonical_json(manifest)
     signature = key.sign(manifest_bytes)
     metadata = {META_MANIFEST: manifest_bytes.decode("utf-8"), META_SIGNATURE: b64encode(signature)}
-    return st_save(dict(sorted(clean.items())), metadata=metadata)
+    return _sorted_header(st_save(dict(sorted(clean.items())), metadata=metadata))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the header's JSON keys sorted.
+
+    Why: safetensors writes ``__metadata__`` from a hash map, so its key order
+    (and with it the file's bytes) changes from call to call; the same input must
+    give the same bundle bytes through every entry point. Sorting keeps the header
+    length, so the tensor offsets and the padding stay valid.
+    """
+    n = int.from_bytes(data[:8], "little")
+    raw = data[8 : 8 + n]
+    text = raw.decode("utf-8")
+    body = text.rstrip(" ")
+    header = json.loads(body)
+    sorted_body = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if len(sorted_body.encode("utf-8")) != len(body.encode("utf-8")):
+        return data  # a serialiser that writes JSON differently: leave its bytes alone
+    return data[:8] + sorted_body.encode("utf-8") + raw[len(body.encode("utf-8")):] + data[8 + n :]
 
 
 def _read_source(source: BundleSource) -> tuple[bytes, str]:
