@@ -23,6 +23,7 @@ __all__ = [
     "atlas_cells",
     "draw_atlas_umap",
     "mapping_cells",
+    "plot_mapping",
     "point_size",
     "umap_coordinates",
 ]
@@ -109,6 +110,16 @@ def mapping_cells(adata: Any, model: Any, condition_key: str, label_key: str | N
         unknown.insert(0, np.zeros(len(ref.latent), bool))
     return UmapCells(np.concatenate(latents), np.concatenate(source), np.concatenate(labels),
                      np.concatenate(unknown))
+
+
+def plot_mapping(adata: Any, model: Any, condition_key: str, out_png: str | Path, *, title: str,
+                 seed: int = 0) -> Path:
+    """``--plot`` of ``map``, ``site map`` and ``embed``: the query (and the model's reference
+    cells where it holds them) by study, by predicted label, and the unknown calls."""
+    cells = mapping_cells(adata, model, condition_key, getattr(model, "label_key", None))
+    label_title = "cell type (predicted)" if getattr(model, "label_key", None) else "cell type (no labels in the model)"
+    return draw_atlas_umap(cells, Path(out_png), title=title, seed=seed, label_title=label_title,
+                           query_name="query")
 
 
 def draw_atlas_umap(cells: UmapCells, out_png: Path, *, title: str, seed: int = 0,

@@ -12,7 +12,9 @@ raised, as plain lines instead of raw Python warnings.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,3 +109,28 @@ def summarize_reference(model: Any, adata: Any, condition_key: str, label_key: s
         integration=integration,
         warnings=list(warnings or []),
     )
+
+
+def train_reference_with_summary(
+    adata: Any,
+    condition_key: str,
+    label_key: str | None = None,
+    *,
+    reference_studies: Sequence[str] | None = None,
+    **options: Any,
+) -> tuple[Any, ReferenceSummary]:
+    """``FedArchesModel.train_reference`` on the chosen studies, and its summary.
+
+    ``options`` are ``train_reference``'s keywords (kind, n_genes, layer, train,
+    progress). UserWarnings raised while training become summary lines, so no
+    raw Python warning with a source path reaches a console.
+    """
+    from fedarches.data.subset import select_conditions
+    from fedarches.model import FedArchesModel
+
+    adata = select_conditions(adata, condition_key, reference_studies)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = FedArchesModel.train_reference(adata, condition_key, label_key, **options)
+    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+    return model, summarize_reference(model, adata, condition_key, label_key, notes)

@@ -24,6 +24,21 @@ def map_options(p: argparse.ArgumentParser) -> None:
     _run_options(p)
 
 
+def plot_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw a UMAP (query by study, predicted label and unknown calls; the model's "
+                   "reference cells where it holds them) to this PNG file")
+
+
+def draw_plot(path: str | None, adata, model, condition_key: str, title: str) -> None:  # noqa: ANN001
+    """``--plot``: one library call, then say where the picture is."""
+    if not path:
+        return
+    from fedarches.plotting import plot_mapping
+
+    print(f"UMAP: {plot_mapping(adata, model, condition_key, path, title=title)}")
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -35,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="reference .h5ad with raw counts")
     p.add_argument("--condition-key", required=True, help="obs column with the study / batch")
     p.add_argument("--label-key", default=None, help="obs column with cell types (enables label transfer)")
+    p.add_argument("--reference-studies", default=None, metavar="A,B,...",
+                   help="comma-separated values of --condition-key that form the reference (default: all)")
     p.add_argument("--model", choices=list(MODEL_KINDS), default="trvae")
     p.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
     p.add_argument("--epochs", type=int, default=None)
@@ -48,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="query .h5ad with raw counts")
     p.add_argument("--out", required=True, help="output directory (query.h5ad, model/, report.json)")
     p.add_argument("--layer", default=None, help="read counts from this layer instead of .X")
+    plot_option(p)
     map_options(p)
     p.set_defaults(func=cmd_map)
 
@@ -57,22 +75,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--condition-key", required=True)
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--layer", default=None)
+    plot_option(p)
     p.set_defaults(func=cmd_embed)
 
 
 def cmd_train_reference(args: argparse.Namespace) -> int:
-    from fedarches.model import FedArchesModel
+    from fedarches.data.subset import parse_names
+    from fedarches.reference_summary import train_reference_with_summary
 
     out = check_out_dir(args.out, marker="manifest.json")
     cfg = TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads)
-    model = FedArchesModel.train_reference(
-        read_h5ad(args.data), args.condition_key, args.label_key, kind=args.model, n_genes=args.n_genes,
+    model, summary = train_reference_with_summary(
+        read_h5ad(args.data), args.condition_key, args.label_key,
+        reference_studies=parse_names(args.reference_studies), kind=args.model, n_genes=args.n_genes,
         layer=args.layer, train=cfg, progress=not args.quiet,
     )
     model.save(out)
-    h = model.last_history
-    print(f"reference model ({args.model}, {len(model.genes)} genes, {len(model.conditions)} conditions, "
-          f"{h.epochs if h else '?'} epochs) written to {out}")
+    for line in summary.lines():
+        print(line)
+    print(f"reference model written to {out}")
     return 0
 
 
@@ -88,6 +109,7 @@ def cmd_map(args: argparse.Namespace) -> int:
           f"{r.trainable_parameters} trainable of {r.total_parameters} parameters, {r.epochs} epochs, "
           f"{r.seconds:.1f} s -> {res.out_dir}")
     print_label_transfer(r)
+    draw_plot(args.plot, res.result.adata, res.result.model, args.condition_key, f"fedarches map: {res.out_dir}")
     return 0
 
 
@@ -107,9 +129,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from fedarches.mapping import write_h5ad
     from fedarches.model import FedArchesModel
 
-    out = FedArchesModel.load(args.model).embed(read_h5ad(args.data), args.condition_key, layer=args.layer)
+    model = FedArchesModel.load(args.model)
+    out = model.embed(read_h5ad(args.data), args.condition_key, layer=args.layer)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_h5ad(out, path)
     print(f"embedded {out.n_obs} cells -> {args.out}")
+    draw_plot(args.plot, out, model, args.condition_key, f"fedarches embed: {args.out}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedarches.cli.core import map_settings, map_options
+from fedarches.cli.core import draw_plot, map_options, map_settings, plot_option
 
 
 def _atlas_args(q: argparse.ArgumentParser) -> None:
@@ -14,7 +14,8 @@ def _atlas_args(q: argparse.ArgumentParser) -> None:
         "--cache",
         default=None,
         metavar="DIR",
-        help="trusted-metadata cache (default: $FEDARCHES_CACHE or ~/.cache/fedarches); keeps rollback protection",
+        help="trusted-metadata cache, which keeps rollback protection (default: one per site, "
+        "$FEDARCHES_CACHE or ~/.cache/fedarches, then sites/<site>-<hash>/tuf/<root digest>)",
     )
 
 
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _atlas_args(q)
     q.add_argument("--out", required=True, metavar="MODEL_DIR")
     q.add_argument("--version", type=int, default=None, help="version number (default: newest on the main line)")
+    q.add_argument("--site", default=None, help="this site's name: use the same trust cache as its `site map`")
     q.set_defaults(func=cmd_fetch)
 
     q = ssub.add_parser("map", help="map private data onto the atlas and write a signed contribution")
@@ -38,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--site", required=True, help="this site's enrolled name")
     q.add_argument("--data", required=True, help="query .h5ad with raw counts (never leaves the site)")
     q.add_argument("--version", type=int, default=None, help="version number to map onto (default: newest)")
+    plot_option(q)
     map_options(q)
     q.add_argument("--out", required=True, metavar="OUT_DIR")
     q.set_defaults(func=cmd_map)
@@ -56,7 +59,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from fedarches.client import AtlasClient
 
-    f = AtlasClient(args.atlas, args.trust, cache_dir=args.cache).fetch(args.out, args.version)
+    f = AtlasClient(args.atlas, args.trust, cache_dir=args.cache, site=args.site).fetch(args.out, args.version)
     names = ", ".join(f.version.condition_names())
     print(f"verified version {f.number} (id {f.id}) of atlas {f.version.atlas!r} -> {f.path}")
     print(f"conditions: {names}")
@@ -92,4 +95,11 @@ def cmd_map(args: argparse.Namespace) -> int:
         print(f"label transfer accuracy on known types: {m.label_transfer.accuracy_known:.3f}")
     print(f"results (stay here): {r.query_path}, {r.report_path}")
     print(f"contribution (send this file to the coordinator): {r.bundle_path} ({b.bytes} bytes)")
+    if args.plot:
+        import anndata as ad
+
+        from fedarches.model import FedArchesModel
+
+        draw_plot(args.plot, ad.read_h5ad(r.query_path), FedArchesModel.load(r.model_dir), args.condition_key,
+                  f"fedarches site map: {args.site} onto version {r.parent.number}")
     return 0

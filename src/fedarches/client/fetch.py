@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -50,6 +51,21 @@ from fedarches.format.version import AtlasVersion, LINEAGE_TARGET, Lineage, Line
 
 CACHE_ENV = "FEDARCHES_CACHE"
 USER_AGENT = "fedarches-site"
+
+
+def site_cache_dir(root_bytes: bytes, site: str | None = None) -> Path:
+    """Where a site keeps its trusted metadata for one atlas (one atlas = one pinned root).
+
+    Each site gets its own (``<cache root>/sites/<site>/tuf/<root digest>``): two sites
+    on one machine sharing one cache would each see the other's newer metadata, and the
+    rollback memory of one would be the other's. Without a site name (a plain
+    ``site fetch``): ``<cache root>/tuf/<root digest>``.
+    """
+    digest = hashlib.sha256(root_bytes).hexdigest()[:16]
+    if not site:
+        return default_cache_root() / "tuf" / digest
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", site).strip(".") or "site"
+    return default_cache_root() / "sites" / f"{safe}-{hashlib.sha256(site.encode()).hexdigest()[:8]}" / "tuf" / digest
 
 
 def default_cache_root() -> Path:
@@ -138,6 +154,7 @@ class AtlasClient:
         trust: str | os.PathLike[str] | bytes,
         *,
         cache_dir: str | os.PathLike[str] | None = None,
+        site: str | None = None,
         fetcher: FetcherInterface | None = None,
         config: UpdaterConfig | None = None,
     ):
@@ -154,8 +171,7 @@ class AtlasClient:
                     "handed you (`fedarches atlas init` prints where it is)"
                 )
             self.root_bytes = p.read_bytes()
-        digest = hashlib.sha256(self.root_bytes).hexdigest()
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_root() / "tuf" / digest[:16]
+        self.cache_dir = Path(cache_dir) if cache_dir else site_cache_dir(self.root_bytes, site)
         self._fetcher = fetcher
         self._config = config or UpdaterConfig(app_user_agent=USER_AGENT)
 

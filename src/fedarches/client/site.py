@@ -190,7 +190,7 @@ def map_and_contribute(
 ) -> SiteMapResult:
     """``fedarches site map`` as a function: fetch + verify a version over TUF, then ``map_local``."""
     private = _resolve_key(key)  # fail on a bad key before any download or training
-    client = AtlasClient(atlas_url, trust, cache_dir=cache_dir)
+    client = AtlasClient(atlas_url, trust, cache_dir=cache_dir, site=site)
     out = check_out_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch.", dir=out.parent))

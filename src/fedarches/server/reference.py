@@ -5,13 +5,12 @@ architecture and every shared weight that all later contributions are frozen
 against; it is built once, on the coordinator's own reference data. Warnings
 raised while training are collected into the build's summary (printed as
 lines by the CLI), so no raw Python warning with a source path reaches the
-operator's console.
+operator's console (``reference_summary.train_reference_with_summary``).
 """
 
 from __future__ import annotations
 
 import tempfile
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,8 @@ from typing import Any
 
 from fedarches.config import TrainConfig
 from fedarches.data.io import read_h5ad
-from fedarches.data.subset import select_conditions
 from fedarches.format.version import LineageEntry
-from fedarches.reference_summary import ReferenceSummary, summarize_reference
+from fedarches.reference_summary import ReferenceSummary, train_reference_with_summary
 
 
 @dataclass(frozen=True)
@@ -52,24 +50,10 @@ def train_reference(
     progress: bool,
     reference_studies: Sequence[str] | None = None,
 ) -> tuple[Any, ReferenceSummary]:
-    """``FedArchesModel.train_reference`` on the chosen studies of ``data`` (AnnData or ``.h5ad``)."""
-    from fedarches.model import FedArchesModel
-
-    adata = select_conditions(read_h5ad(data), condition_key, reference_studies)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = FedArchesModel.train_reference(
-            adata,
-            condition_key,
-            label_key,
-            kind=kind,  # type: ignore[arg-type]
-            n_genes=n_genes,
-            layer=layer,
-            train=train,
-            progress=progress,
-        )
-    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
-    return model, summarize_reference(model, adata, condition_key, label_key, notes)
+    """The reference model on the chosen studies of ``data`` (AnnData or ``.h5ad``) and its summary."""
+    return train_reference_with_summary(read_h5ad(data), condition_key, label_key,
+                                        reference_studies=reference_studies, kind=kind, n_genes=n_genes,
+                                        layer=layer, train=train, progress=progress)
 
 
 def build_reference(
