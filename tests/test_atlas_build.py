@@ -61,3 +61,13 @@ def test_unknown_reference_study_is_refused_before_training(tmp_path, data_file,
     assert Atlas(atlas_dir).head() is None
     with pytest.raises(SettingError):
         Atlas(atlas_dir).build(data_file, "study", reference_studies=["nope"], epochs=1, n_genes=0, threads=1)
+
+
+def test_log_shows_what_each_version_added_with_its_figures(tmp_path, data_file, capsys):
+    atlas_dir, rc = _build(tmp_path, data_file, "--label-key", "cell_type", "--reference-studies", "study_0,study_1")
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["atlas", "log", str(atlas_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "added 2 of 2 conditions" in out
+    assert "study_0@coordinator  (kNN purity " in out and "epochs 3" in out

@@ -150,8 +150,33 @@ def cmd_log(args: argparse.Namespace) -> int:
     for e in reversed(entries):
         parents = ",".join(str(n) for n in e.parent_numbers) or "-"
         print(f"v{e.number:<4} {e.id[:12]}  {e.branch:<12} parents {parents:<6} {e.strategy:<12} {e.published}")
-        print(f"      {_conditions(e)}")
+        added = [c for c in atlas.version(e.number).conditions if c.introduced_in == e.number]
+        total = len(e.conditions)
+        print(f"      added {len(added)} of {total} conditions:")
+        for c in added:
+            print(f"        {c.name}@{c.site}{_metric_note(c.metrics)}")
     return 0
+
+
+# the scalar figures a version records per condition, as `atlas log` shows them
+_LOG_METRICS = (
+    ("label_transfer.accuracy_known", "accuracy"),
+    ("label_transfer.unseen_called_unknown", "unseen->unknown"),
+    ("label_transfer.known_called_unknown", "known->unknown"),
+    ("reference.knn_purity", "kNN purity"),
+    ("reference.ebm", "EBM"),
+    ("epochs", "epochs"),
+)
+
+
+def _metric_note(metrics) -> str:  # type: ignore[no-untyped-def]
+    parts = []
+    for key, name in _LOG_METRICS:
+        v = metrics.get(key)
+        if isinstance(v, bool) or v is None:
+            continue
+        parts.append(f"{name} {v:.3f}" if isinstance(v, float) else f"{name} {v}")
+    return f"  ({', '.join(parts)})" if parts else ""
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
