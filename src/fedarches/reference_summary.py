@@ -125,7 +125,7 @@ def train_reference_with_summary(
     progress). UserWarnings raised while training become summary lines, so no
     raw Python warning with a source path reaches a console.
     """
-    from fedarches.data.subset import select_conditions
+    from fedarches.data.conditions import select_conditions
     from fedarches.model import FedArchesModel
 
     adata = select_conditions(adata, condition_key, reference_studies)

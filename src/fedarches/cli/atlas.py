@@ -88,7 +88,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from fedarches.data.subset import parse_names
+    from fedarches.data.conditions import parse_names
     from fedarches.server import Atlas
 
     atlas = Atlas(args.atlas_dir)

@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train_reference(args: argparse.Namespace) -> int:
-    from fedarches.data.subset import parse_names
+    from fedarches.data.conditions import parse_names
     from fedarches.reference_summary import train_reference_with_summary
 
     out = check_out_dir(args.out, marker="manifest.json")
