@@ -46,6 +46,15 @@ class BatchSource(Protocol):
     def loss_kwargs(self, rows: np.ndarray) -> dict[str, object]: ...
 
 
+def _count_terms(x: sp.csr_matrix, library: np.ndarray | None) -> tuple[sp.csr_matrix, np.ndarray | None]:
+    """NB sources read counts from the CSR's stored entries: canonicalise (no duplicate
+    entries) and precompute each cell's constant sum of lgamma(x + 1) once."""
+    if library is None:
+        return x, None
+    x = canonical_csr(x)
+    return x, lgamma_counts_per_row(x)
+
+
 @dataclass
 class MatrixSource:
     """Minibatches straight from the (normalised, for trVAE) sparse matrix."""
@@ -58,9 +67,7 @@ class MatrixSource:
 
     def __post_init__(self) -> None:
         self.n_cells = self.x.shape[0]
-        if self.library is not None:
-            self.x = canonical_csr(self.x)
-        self.lgamma_x1 = lgamma_counts_per_row(self.x) if self.library is not None else None
+        self.x, self.lgamma_x1 = _count_terms(self.x, self.library)
 
     def loss_kwargs(self, rows: np.ndarray) -> dict[str, object]:
         kw: dict[str, object] = {"condition": torch.from_numpy(self.condition[rows])}
@@ -92,9 +99,7 @@ class ProjectedSource:
 
     def __post_init__(self) -> None:
         self.n_cells = self.x.shape[0]
-        if self.library is not None:
-            self.x = canonical_csr(self.x)
-        self.lgamma_x1 = lgamma_counts_per_row(self.x) if self.library is not None else None
+        self.x, self.lgamma_x1 = _count_terms(self.x, self.library)
         m = self.module
         h0 = m.config.hidden[0]
         self.projection = torch.empty(self.n_cells, h0)
