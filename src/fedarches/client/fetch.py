@@ -14,6 +14,17 @@ by the sha256 of the pinned root (two mirrors of one atlas share it), run each
 fetch on a copy, and swap the copy in only after the whole fetch verified. A
 refused fetch therefore leaves the cache, and the output directory, exactly as
 they were.
+
+Time. Every download of one fetch goes through one ``TimedFetcher``: a read
+that waits longer than ``stall_s`` (default 20 s) or a fetch that runs past
+``deadline_s`` (default 300 s, counted from taking the cache lock) is refused
+with a one-line ``DownloadError``; nothing is retried.
+
+Leftovers. Work directories are siblings named ``.<cache>.<random>`` (and
+``.<out>.<random>`` for the output, staged by ``write_model_dir``). They are
+removed on every exit Python sees; a SIGKILLed fetch leaves them, so the next
+fetch removes them: inside the cache lock (and the lock on the output's
+parent folder) no other fetch can own one, so every such sibling is stale.
 """
 
 from __future__ import annotations
@@ -33,8 +44,11 @@ from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
+from fedarches.client.transport import FetchFault, TimedFetcher
 from fedarches.errors import (
     DownloadError,
+    OutputPathError,
+    SettingError,
     ExpiryError,
     HashError,
     LengthError,
@@ -51,6 +65,10 @@ from fedarches.format.version import AtlasVersion, LINEAGE_TARGET, Lineage, Line
 
 CACHE_ENV = "FEDARCHES_CACHE"
 USER_AGENT = "fedarches-site"
+DEADLINE_S = 300.0
+STALL_S = 20.0
+# What tempfile.mkdtemp appends (8 characters of its alphabet), or the ".old" of a two-step swap.
+_WORK_SUFFIX = re.compile(r"(old|[a-z0-9_]{8})")
 
 
 def site_cache_dir(root_bytes: bytes, site: str | None = None) -> Path:
@@ -106,8 +124,11 @@ def tuf_error(exc: BaseException, what: str) -> VerificationError:
             f"length check failed while {what}: {msg}. The server sent more data than the signed "
             "length allows (an endless-data attack or a broken server). Nothing was loaded"
         )
+    if isinstance(exc, FetchFault):
+        end = " " if msg.endswith("?") else ". "
+        return DownloadError(f"download check failed while {what}: {msg}{end}Nothing was loaded")
     if isinstance(exc, tuf_exc.SlowRetrievalError):
-        return DownloadError(f"download speed check failed while {what}: {msg}. Nothing was loaded")
+        return DownloadError(f"download check failed while {what}: the server is too slow ({msg}). Nothing was loaded")
     if isinstance(exc, tuf_exc.DownloadHTTPError):
         return DownloadError(
             f"download check failed while {what}: HTTP {exc.status_code} ({msg}); is --atlas the URL "
@@ -146,6 +167,8 @@ class AtlasClient:
 
     ``url`` is the base of the served repository (``<url>/metadata/``,
     ``<url>/targets/``). ``trust`` is the pinned root.json (path or bytes).
+    ``deadline_s`` bounds one whole fetch (or lineage read) and ``stall_s``
+    each wait for the server; both are ignored when a ``fetcher`` is given.
     """
 
     def __init__(
@@ -157,7 +180,13 @@ class AtlasClient:
         site: str | None = None,
         fetcher: FetcherInterface | None = None,
         config: UpdaterConfig | None = None,
+        deadline_s: float = DEADLINE_S,
+        stall_s: float = STALL_S,
     ):
+        for name, value in (("deadline_s", deadline_s), ("stall_s", stall_s)):
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise SettingError(f"setting check failed: {name} must be a positive number of seconds, not {value!r}")
+        self.deadline_s, self.stall_s = float(deadline_s), float(stall_s)
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise VerificationError(f"atlas URL check failed: {url!r} is not an http(s) URL")
         self.url = url.rstrip("/")
@@ -184,8 +213,7 @@ class AtlasClient:
         with open(cache.parent / f".{cache.name}.lock", "a+b") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             old = cache.with_name(f".{cache.name}.old")
-            if not cache.exists() and old.exists():  # a crash between the two renames below
-                os.replace(old, cache)
+            remove_stale_work_dirs(cache)
             work = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
             try:
                 if cache.exists():
@@ -198,7 +226,9 @@ class AtlasClient:
                         metadata_base_url=f"{self.url}/metadata/",
                         target_dir=str(targets),
                         target_base_url=f"{self.url}/targets/",
-                        fetcher=self._fetcher,
+                        fetcher=self._fetcher or TimedFetcher(
+                            stall_s=self.stall_s, deadline_s=self.deadline_s, app_user_agent=USER_AGENT
+                        ),
                         config=self._config,
                         bootstrap=self.root_bytes,
                     )
@@ -292,5 +322,38 @@ class AtlasClient:
         directory at ``out_dir`` is replaced atomically.
         """
         manifest, entry, blobs = self.fetch_blobs(version, branch=branch)
-        path = write_model_dir(out_dir, manifest, blobs)
+        target = Path(out_dir)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _dir_lock(target.parent):
+                remove_stale_work_dirs(target)
+                path = write_model_dir(target, manifest, blobs)
+        except OSError as exc:
+            raise OutputPathError(f"output path check failed: could not write {target}: {exc}") from exc
         return FetchedVersion(path=path, version=manifest, entry=entry)
+
+
+def remove_stale_work_dirs(target: Path) -> None:
+    """Remove ``.<target>.<random>`` work siblings a killed run left; the caller holds the lock.
+
+    A ``.<target>.old`` with no ``target`` is the complete old copy of a swap
+    cut between its two renames: it is put back rather than removed.
+    """
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+    prefix = f".{target.name}."
+    for p in target.parent.iterdir():
+        if p.name.startswith(prefix) and _WORK_SUFFIX.fullmatch(p.name[len(prefix):]) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _dir_lock(folder: Path) -> Iterator[None]:
+    """Exclusive flock on a folder itself (no lock file left next to the output)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
