@@ -3,16 +3,14 @@
 # authenticates with its private key and carries the site's node config.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
-i=0
 for s in $SITES; do
     FLWR_HOME="$WORK/sites/$s/flwr-home" flower-supernode \
         --superlink "127.0.0.1:$SUPERLINK_PORT" \
         --root-certificates "$WORK/certs/ca.crt" \
         --auth-supernode-private-key "$WORK/certs/supernodes/$s" \
         --node-config "$WORK/sites/$s/node-config.toml" \
-        --host 127.0.0.1 --port $((SUPERNODE_BASE_PORT + i)) > "$WORK/logs/supernode-$s.log" 2>&1 &
+        --host 127.0.0.1 --port "${SITE_PORT[$s]}" > "$WORK/logs/supernode-$s.log" 2>&1 &
     echo $! > "$WORK/pids/supernode-$s.pid"
-    i=$((i + 1))
 done
 n=$(echo $SITES | wc -w)
 for _ in $(seq 1 60); do

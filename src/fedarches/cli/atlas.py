@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from fedarches.config import MODEL_KINDS
+from fedarches.errors import DataFileError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("atlas_dir", metavar="ATLAS_DIR")
     q.add_argument("--force", action="store_true", help="re-sign even if not yet due")
     q.set_defaults(func=cmd_refresh)
+
+    q = asub.add_parser("report", help="print a Flower run's report: each site's outcome and scores per round")
+    q.add_argument("report", metavar="REPORT_JSON",
+                   help="the coordinator's run report (run config `report`, or "
+                   "<atlas-dir>/federation/run-<id>/report.json)")
+    q.add_argument("--holdout", default=None, metavar="CELL_TYPE",
+                   help="the cell type the reference was built without (names it in the legend)")
+    q.set_defaults(func=cmd_report)
 
     q = asub.add_parser("audit", help="show what a contribution bundle holds (no trust decision)")
     q.add_argument("bundle", metavar="BUNDLE")
@@ -209,3 +221,92 @@ def cmd_audit(args: argparse.Namespace) -> int:
     report.pop("manifest", None)
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0
+
+
+# ----------------------------------------------------------------------------- run report
+
+_TABLE_COLUMNS = (("round", "right"), ("site", "left"), ("status", "left"), ("new studies / note", "left"),
+                  ("label accuracy", "right"), ("unseen -> unknown", "right"),
+                  ("known -> unknown", "right"), ("seconds", "right"))
+
+
+def console() -> Any:
+    """A rich console; wide enough for the tables when the output is a file or a pipe."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=130)
+
+
+def site_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per site and round of a coordinator run report (``federation.coordinator``),
+    sorted by round then site; scores a site did not send are None."""
+    rows = []
+    for rnd in report.get("rounds", []):
+        for s in rnd.get("sites", []):
+            m = s.get("metrics", {})
+            rows.append({
+                "round": rnd["round"],
+                "site": s.get("site") or f"node {s.get('node_id')}",
+                "status": s.get("status"),
+                "conditions": ", ".join(s.get("conditions", [])),
+                "acc": m.get("label_transfer.accuracy_known"),
+                "unseen_unknown": m.get("label_transfer.unseen_called_unknown"),
+                "known_unknown": m.get("label_transfer.known_called_unknown"),
+                "seconds": m.get("seconds"),
+                "message": s.get("message", ""),
+            })
+    return sorted(rows, key=lambda r: (r["round"], r["site"]))
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * float(v):.1f}%" if pct else f"{float(v):.1f}"
+
+
+def print_run_report(report: Mapping[str, Any], holdout: str | None = None) -> None:
+    """The per-round, per-site table of a run report, and what its columns mean."""
+    from rich.table import Table
+
+    out = console()
+    out.rule("sites, as reported to the coordinator")
+    table = Table(caption="scores are computed at each site on its own labels; only the scores travel")
+    for col, just in _TABLE_COLUMNS:
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in site_rows(report):
+        note = r["conditions"] if r["status"] in ("accepted", "contributed") else r["message"][:60]
+        table.add_row(str(r["round"]), r["site"], str(r["status"]), note, _fmt(r["acc"]),
+                      _fmt(r["unseen_unknown"]), _fmt(r["known_unknown"]), _fmt(r["seconds"], pct=False))
+    out.print(table)
+    unseen = (f"cells of {holdout!r}, which the reference never saw," if holdout
+              else "cells of types absent from the reference")
+    out.print(
+        "label accuracy: cells of types the reference knows that got their true label (unknown counts as "
+        f"wrong); unseen -> unknown: {unseen} called unknown; known -> unknown: false alarms."
+    )
+
+
+def read_run_report(path: str | Path) -> dict[str, Any]:
+    """A coordinator run report, refused with the data file check when it is not one."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataFileError(f"data file check failed: no run report at {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataFileError(f"data file check failed: {path} is not a JSON run report ({exc})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("rounds"), list):
+        raise DataFileError(f"data file check failed: {path} is not a coordinator run report (no 'rounds' list)")
+    return report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    report = read_run_report(args.report)
+    versions = [str(r.get("head_number")) for r in report["rounds"]]
+    print(f"run {report.get('run_id', '?')} of atlas {report.get('atlas', '?')!r}: {report.get('status', '?')}, "
+          f"{len(report['rounds'])} round(s), head version after each: {', '.join(versions) or '-'}")
+    if report.get("error"):
+        print(f"error: {report['error']}")
+    sys.stdout.flush()
+    print_run_report(report, args.holdout)
+    return 0 if report.get("status") == "completed" else 1

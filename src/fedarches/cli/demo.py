@@ -142,65 +142,15 @@ def _study(adata: Any, key: str, name: str, new_name: str) -> Any:
 # ----------------------------------------------------------------------------- report
 
 
-def _site_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for rnd in report.get("rounds", []):
-        for s in rnd.get("sites", []):
-            m = s.get("metrics", {})
-            rows.append({
-                "round": rnd["round"],
-                "site": s.get("site") or f"node {s.get('node_id')}",
-                "status": s.get("status"),
-                "conditions": ", ".join(s.get("conditions", [])),
-                "acc": m.get("label_transfer.accuracy_known"),
-                "unseen_unknown": m.get("label_transfer.unseen_called_unknown"),
-                "known_unknown": m.get("label_transfer.known_called_unknown"),
-                "seconds": m.get("seconds"),
-                "message": s.get("message", ""),
-            })
-    return rows
-
-
-def _fmt(v: Any, pct: bool = True) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * float(v):.1f}%" if pct else f"{float(v):.1f}"
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    # Wide enough for the tables when the output is a file or a pipe.
-    return Console() if sys.stdout.isatty() else Console(width=130)
-
-
 def print_results(report: dict[str, Any], atlas_dir: Path, holdout: str | None) -> None:
-    from rich.table import Table
+    """The lineage, then the table `fedarches atlas report` prints."""
+    from fedarches.cli.atlas import cmd_log, console, print_run_report
 
-    from fedarches.cli.atlas import cmd_log
-
-    console = _console()
-    console.rule("lineage (fedarches atlas log)")
+    console().rule("lineage (fedarches atlas log)")
     sys.stdout.flush()
     cmd_log(argparse.Namespace(atlas_dir=str(atlas_dir), json=False))
     sys.stdout.flush()
-    console.rule("sites, as reported to the coordinator")
-    table = Table(caption="scores are computed at each site on its own labels; only the scores travel")
-    for col, just in (("round", "right"), ("site", "left"), ("status", "left"), ("new studies / note", "left"),
-                      ("label accuracy", "right"), ("unseen -> unknown", "right"),
-                      ("known -> unknown", "right"), ("seconds", "right")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for r in sorted(_site_rows(report), key=lambda r: (r["round"], r["site"])):
-        note = r["conditions"] if r["status"] in ("accepted", "contributed") else r["message"][:60]
-        table.add_row(str(r["round"]), r["site"], str(r["status"]), note, _fmt(r["acc"]),
-                      _fmt(r["unseen_unknown"]), _fmt(r["known_unknown"]), _fmt(r["seconds"], pct=False))
-    console.print(table)
-    unseen = (f"cells of {holdout!r}, which the reference never saw," if holdout
-              else "cells of types absent from the reference")
-    console.print(
-        "label accuracy: cells of types the reference knows that got their true label (unknown counts as "
-        f"wrong); unseen -> unknown: {unseen} called unknown; known -> unknown: false alarms."
-    )
+    print_run_report(report, holdout)
 
 
 # ----------------------------------------------------------------------------- main
@@ -228,13 +178,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedarches.server import Atlas
     from fedarches.server.http import serve_atlas
     from fedarches.format.signing import keygen
+    from fedarches.cli.atlas import console as rich_console
 
     if args.sites < 1 or args.rounds < 1:
         raise InputDataError("--sites and --rounds must be at least 1")
     if (args.condition_key or args.label_key) and not args.data:
         raise InputDataError("--condition-key/--label-key go with --data")
     torch.set_num_threads(1)
-    console = _console()
+    console = rich_console()
     t_start = time.perf_counter()
     out = _prepare_out(Path(args.out).resolve())
     timings: dict[str, float] = {}
