@@ -18,7 +18,11 @@ invariant 6), and small enough that its size proves it carries no cells
   covers the tensors too.
 
 Size: ``8 + header + 4 * config.condition_parameter_count(m)`` bytes for ``m``
-new float32 conditions. ``audit_bundle`` checks this.
+new float32 conditions, exactly: the header is the compact JSON of what it
+holds (plus safetensors' alignment to 8 bytes, nothing more) and at most
+``max_header_bytes(m)``, so no byte of a ``conditions`` bundle is free for
+anything the manifest does not describe. ``check_size`` enforces this at
+intake; ``audit_bundle`` reports it.
 
 Branch bundles (strategies ``input-layers`` and ``full``) touched weights that
 every condition shares, so they can never be merged into the main line. They
@@ -81,6 +85,15 @@ META_SIGNATURE = "fedarches.signature"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_NAME_CHARS = 200
+CONDITION_DTYPE = "float32"
+# Worst case bytes one character takes in the header: 4-byte UTF-8, or a quote
+# escaped twice (manifest JSON inside header JSON).
+_HEADER_CHAR_BYTES = 4
+_HEADER_FIXED_BYTES = 4096  # format, atlas, site, key id, parent, strategy, signature, JSON syntax
+_HEADER_METRIC_BYTES = (64 + MAX_METRIC_TEXT) * _HEADER_CHAR_BYTES + 32
+# per condition: its name in the manifest's list and in three tensor keys twice
+# (header and manifest), each with a tensor description
+_HEADER_CONDITION_BYTES = 7 * MAX_NAME_CHARS * _HEADER_CHAR_BYTES + 3 * 512
 
 BundleSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
@@ -161,8 +174,12 @@ class Bundle:
         return {split_shared_key(k): v for k, v in self.tensors.items() if k.startswith(SHARED_PREFIX)}
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 def _tensor_entry(t: torch.Tensor) -> TensorEntry:
-    return TensorEntry(sha256=tensor_sha256(t), shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+    return TensorEntry(sha256=tensor_sha256(t), shape=list(t.shape), dtype=_dtype_name(t))
 
 
 def create_bundle(
@@ -200,6 +217,7 @@ def create_bundle(
             check_condition_name(name)
             names.add(name)
         t = t.detach().cpu().contiguous()
+        _check_condition_dtype(k, t, "the contribution")
         if t.ndim < 1 or not torch.isfinite(t).all():
             raise BundleContentError(f"bundle content check failed: tensor {k} is empty, scalar or not finite")
         clean[k] = t
@@ -276,7 +294,26 @@ def _parse_header(data: bytes, name: str) -> tuple[int, dict[str, Any]]:
     )
     if not isinstance(header, dict):
         raise BundleFormatError(f"bundle format check failed: {name} header is not an object")
+    _check_header_padding(n, header, name)
     return n, header
+
+
+def _check_header_padding(n: int, header: dict[str, Any], name: str) -> None:
+    """The header must be the compact JSON of what it holds, aligned to 8 bytes.
+
+    Why: whitespace, needless escapes or trailing padding are bytes the
+    manifest does not describe; refusing them makes the size formula exact.
+    Key order does not change the length, so any serialiser's compact output passes.
+    """
+    try:
+        compact = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate escape: not text a site can have written
+        raise BundleFormatError(f"bundle format check failed: {name} header holds text that is not UTF-8") from exc
+    if not compact <= n < compact + 8:
+        raise BundleSizeError(
+            f"bundle size check failed: {name} has a {n} byte header whose content takes {compact} bytes; "
+            "a bundle carries no padding beyond safetensors' 8-byte alignment"
+        )
 
 
 def read_bundle(source: BundleSource) -> Bundle:
@@ -320,6 +357,7 @@ def read_bundle(source: BundleSource) -> Bundle:
         raise BundleContentError(
             f"bundle content check failed: tensor list of {name}: missing {missing}, not in the signed manifest {unsigned}"
         )
+    _check_dtypes(tensors, manifest, name)
     names: set[str] = set()
     for key, t in tensors.items():
         entry = manifest.tensors[key]
@@ -357,9 +395,71 @@ def read_bundle(source: BundleSource) -> Bundle:
     )
 
 
+def _check_dtypes(tensors: Mapping[str, torch.Tensor], manifest: BundleManifest, name: str) -> None:
+    """What the manifest says of each tensor is what the file holds; condition tensors are float32."""
+    for key, t in tensors.items():
+        entry = manifest.tensors[key]
+        if entry.dtype != _dtype_name(t):
+            raise BundleContentError(
+                f"bundle content check failed: {name} manifest describes tensor {key} as {entry.dtype}, "
+                f"the file holds {_dtype_name(t)}"
+            )
+        _check_condition_dtype(key, t, name)
+
+
+def _check_condition_dtype(key: str, t: torch.Tensor, name: str) -> None:
+    """Condition tensors are float32: the size formula counts 4 bytes a value."""
+    if not key.startswith(SHARED_PREFIX) and t.dtype != torch.float32:
+        raise BundleContentError(
+            f"bundle content check failed: {name} condition tensor {key} is {_dtype_name(t)}, "
+            f"bundles carry {CONDITION_DTYPE}"
+        )
+
+
+def max_header_bytes(n_conditions: int) -> int:
+    """The largest header a ``conditions`` bundle of ``n_conditions`` can need.
+
+    Every field is bounded (names, metric count and text), so this is their
+    worst case; a larger header holds something no manifest field explains.
+    """
+    return _HEADER_FIXED_BYTES + MAX_METRICS * _HEADER_METRIC_BYTES + n_conditions * _HEADER_CONDITION_BYTES
+
+
+def check_size(bundle: Bundle, config: ModelConfig) -> None:
+    """Raise ``BundleSizeError`` unless a ``conditions`` bundle is exactly the size formula.
+
+    ``8 + header + 4 * config.condition_parameter_count(m)``, with the header
+    at most ``max_header_bytes(m)``: the proof that the bundle carries no cells.
+    Branch bundles carry shared weights and are bounded by the model instead.
+    """
+    if bundle.manifest.strategy != "conditions":
+        return
+    m = len(bundle.manifest.conditions)
+    limit = max_header_bytes(m)
+    if bundle.header_size > limit:
+        raise BundleSizeError(
+            f"bundle size check failed: {bundle.source} has a {bundle.header_size} byte header, "
+            f"above the {limit} bytes {m} condition(s) can need"
+        )
+    expected = 8 + bundle.header_size + expected_tensor_bytes(config, m)
+    if bundle.size != expected:
+        raise BundleSizeError(
+            f"bundle size check failed: {bundle.source} is {bundle.size} bytes; {m} condition(s) of this "
+            f"model make {expected} (8 + {bundle.header_size} header + 4 x {config.condition_parameter_count(m)})"
+        )
+
+
 def expected_tensor_bytes(config: ModelConfig, n_conditions: int, itemsize: int = 4) -> int:
     """Bytes of tensor data in a ``conditions``-strategy bundle: the size formula."""
     return itemsize * config.condition_parameter_count(n_conditions)
+
+
+def _size_ok(bundle: Bundle, config: ModelConfig) -> bool:
+    try:
+        check_size(bundle, config)
+    except BundleSizeError:
+        return False
+    return True
 
 
 def audit_bundle(path: BundleSource, config: ModelConfig | None = None) -> dict[str, Any]:
@@ -402,7 +502,7 @@ def audit_bundle(path: BundleSource, config: ModelConfig | None = None) -> dict[
         report["expected_tensor_bytes"] = exp
         report["expected_size"] = 8 + b.header_size + exp
         report["size_matches_formula"] = (
-            b.manifest.strategy == "conditions" and b.size == 8 + b.header_size + exp and tensor_bytes == exp
+            b.manifest.strategy == "conditions" and _size_ok(b, config) and tensor_bytes == exp
         )
         report["shapes_match_model"] = all(
             t.ndim == 1 and t.shape[0] in widths for k, t in b.condition_tensors().items()

@@ -2,7 +2,8 @@
 
 Order matters for the messages users see: format and tensor hashes
 (``read_bundle``), atlas, enrolment, signature, parent, already merged,
-shared weights of the target, name collision, tensor shapes and values. Each
+shared weights of the target, name collision, tensor shapes and values, then
+the exact size formula (after the shapes, whose message is more specific). Each
 failure raises its own class from ``fedarches.errors``.
 """
 
@@ -21,7 +22,7 @@ from fedarches.errors import (
     TensorShapeError,
     TensorValueError,
 )
-from fedarches.format.bundle import Bundle, BundleSource, read_bundle
+from fedarches.format.bundle import Bundle, BundleSource, check_size, read_bundle
 from fedarches.format.conditions import merge_conditions, table_templates
 from fedarches.format.model_dir import CONDITIONS, WEIGHTS
 from fedarches.format.tensor_keys import condition_key
@@ -173,5 +174,6 @@ def verify_bundle(source: BundleSource, intake: Intake) -> VerifiedBundle:
     check_collision(bundle, target)
     cond = intake.store.tensors(parent, CONDITIONS)
     check_condition_tensors(bundle, parent, cond)
+    check_size(bundle, parent.model.config)  # then every byte is accounted for: exactly the formula
     check_shared_tensors(bundle, parent, cond, intake.store)
     return VerifiedBundle(bundle=bundle, parent=parent, target=target, noop=False)
