@@ -83,7 +83,7 @@ def _prepare(adata: ad.AnnData, kind: ModelKind, genes: list[str] | None, condit
     check_gene_names(adata.var_names)
     conditions = condition_labels(adata, condition_key)
     x = get_matrix(adata, layer)
-    check_values(x, require_integers=(kind == "nb"))
+    check_values(x, require_integers=(kind == "nb"), conditions=conditions)
     var_names = adata.var_names.astype(str).tolist()
     return _prepare_matrix(x, var_names, conditions, kind, genes), genes if genes is not None else var_names
 
@@ -171,7 +171,7 @@ class FedArchesModel:
         conditions = condition_labels(adata, condition_key)
         labels = condition_labels(adata, label_key, what="label") if label_key else None
         x_full = get_matrix(adata, layer)
-        check_values(x_full, require_integers=(kind == "nb"))
+        check_values(x_full, require_integers=(kind == "nb"), conditions=conditions)
         var_names = adata.var_names.astype(str).tolist()
         genes = select_genes(x_full, var_names, conditions, n_genes)
         data = _prepare_matrix(x_full, var_names, conditions, kind, genes)

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("atlas_dir", metavar="ATLAS_DIR")
     q.add_argument("--site", required=True, help="site name (must match the --site the site signs with)")
     q.add_argument("--public-key", required=True, help="the site's site.pub from `fedarches site keygen`")
+    q.add_argument("--replace", action="store_true",
+                   help="rotate the key of an already enrolled site (its old key is refused from then on)")
     q.set_defaults(func=cmd_enroll)
 
     q = asub.add_parser("merge", help="verify contribution bundles and publish the next version")
@@ -126,8 +128,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_enroll(args: argparse.Namespace) -> int:
     from fedarches.server import Atlas
 
-    entry = Atlas(args.atlas_dir).enroll(args.site, args.public_key)
+    entry = Atlas(args.atlas_dir).enroll(args.site, args.public_key, replace=args.replace)
     print(f"enrolled site {entry.site!r} with key {entry.key_id}")
+    last = entry.previous_keys[-1] if entry.previous_keys else None
+    if last is not None and last.replaced == entry.enrolled:
+        print(f"it replaced key {last.key_id} (refused from {last.replaced} on)")
     return 0
 
 

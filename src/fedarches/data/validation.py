@@ -53,9 +53,42 @@ def check_gene_names(genes: Sequence[str] | pd.Index) -> None:
         )
 
 
-def check_values(x: sp.csr_matrix, *, require_integers: bool, what: str = "the count matrix") -> None:
-    """NaN/inf, negative values and (for count likelihoods) non-integer values."""
-    data = x.data
+def check_signal(x: sp.csr_matrix, conditions: np.ndarray | None = None, *, what: str = "the count matrix") -> None:
+    """Refuse a matrix (or one condition of it) whose every cell has zero counts.
+
+    Such data trains or maps to noise without any error (an all-zero query maps
+    with accuracy 0 and would still be contributed), so it is refused before
+    anything runs. Call after ``check_values``-style checks so sums are finite.
+    """
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    if x.shape[0] and not (totals > 0).any():
+        raise CountValueError(
+            f"count value check failed: {what} has zero counts in all {x.shape[0]} cells; "
+            "check --layer (the counts may be in another layer) and the gene names"
+        )
+    if conditions is None:
+        return
+    names, codes = np.unique(np.asarray(conditions).astype(str), return_inverse=True)
+    cells = np.bincount(codes, minlength=len(names))
+    with_signal = np.bincount(codes, weights=(totals > 0).astype(np.float64), minlength=len(names))
+    empty = np.flatnonzero(with_signal == 0)
+    if empty.size:
+        more = f" (and {empty.size - 1} more conditions like it)" if empty.size > 1 else ""
+        raise CountValueError(
+            f"count value check failed: condition {str(names[empty[0]])!r} has zero counts in all its "
+            f"{int(cells[empty[0]])} cells{more} in {what}; remove it or check that its counts were loaded"
+        )
+
+
+def check_values(
+    x: sp.csr_matrix, *, require_integers: bool, what: str = "the count matrix", conditions: np.ndarray | None = None
+) -> None:
+    """NaN/inf, negative values, (for count likelihoods) non-integer values, then empty signal."""
+    _check_entries(x.data, require_integers=require_integers, what=what)
+    check_signal(x, conditions, what=what)
+
+
+def _check_entries(data: np.ndarray, *, require_integers: bool, what: str) -> None:
     if data.size == 0:
         return
     finite = np.isfinite(data)

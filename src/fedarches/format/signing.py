@@ -40,6 +40,10 @@ from fedarches.format.canonical import canonical_json
 PRIVATE_KEY_FILE = "site.key"
 PUBLIC_KEY_FILE = "site.pub"
 SIGNATURE_BYTES = 64
+# A PEM Ed25519 key is ~120 bytes; anything far larger is not a key file and is
+# refused before it is read into memory.
+MAX_KEY_FILE_BYTES = 64 * 1024
+_PEM_BEGIN = b"-----BEGIN "
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,47 @@ def write_public_key(path: str | os.PathLike[str], key: PublicKey) -> Path:
     return write_bytes(path, key.pem(), mode=0o644)
 
 
+def read_key_file(path: str | os.PathLike[str], what: str) -> tuple[bytes, int]:
+    """The bytes and permission bits of a key file, refusing anything but a small regular file.
+
+    Opened non-blocking and checked with ``fstat`` on the open descriptor, so a
+    FIFO cannot hang the command and the file checked is the file read; the
+    message names what the path really is (missing, a directory, a device).
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise KeyFileError(f"key file check failed: {what} {p} does not exist") from None
+    except OSError as exc:
+        raise KeyFileError(f"key file check failed: {what} {p} cannot be opened ({exc.strerror})") from exc
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise KeyFileError(f"key file check failed: {what} {p} is a directory, not a key file")
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file check failed: {what} {p} is not a regular file")
+        if st.st_size > MAX_KEY_FILE_BYTES:
+            raise KeyFileError(
+                f"key file check failed: {what} {p} is {st.st_size} bytes; a key file is under {MAX_KEY_FILE_BYTES}"
+            )
+        data = os.read(fd, MAX_KEY_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"key file check failed: {what} {p} grew past {MAX_KEY_FILE_BYTES} bytes while read")
+    return data, stat.S_IMODE(st.st_mode)
+
+
+def _check_single_pem(data: bytes, source: str) -> None:
+    """Refuse several PEM blocks: the loader would silently take the first and drop the rest."""
+    count = data.count(_PEM_BEGIN)
+    if count > 1:
+        raise KeyFileError(
+            f"key file check failed: {source} holds {count} PEM blocks; a key file must hold exactly one key"
+        )
+
+
 def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
     """Read a PEM Ed25519 private key, refusing files that others can read.
 
@@ -149,15 +194,14 @@ def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
     leaked: the message says how to fix the mode.
     """
     p = Path(path)
-    if not p.is_file():
-        raise KeyFileError(f"key file check failed: private key {p} does not exist")
-    mode = stat.S_IMODE(p.stat().st_mode)
+    data, mode = read_key_file(p, "private key")
     if mode & 0o077:
         raise KeyFileError(
             f"key file check failed: private key {p} has mode {mode:o}, readable by others; run `chmod 600 {p}`"
         )
+    _check_single_pem(data, str(p))
     try:
-        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise KeyFileError(f"key file check failed: {p} is not a PEM private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
@@ -166,6 +210,7 @@ def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
 
 
 def public_key_from_pem(data: bytes, *, source: str = "public key") -> PublicKey:
+    _check_single_pem(data, source)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
@@ -176,10 +221,8 @@ def public_key_from_pem(data: bytes, *, source: str = "public key") -> PublicKey
 
 
 def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
-    p = Path(path)
-    if not p.is_file():
-        raise KeyFileError(f"key file check failed: public key {p} does not exist")
-    return public_key_from_pem(p.read_bytes(), source=str(p))
+    data, _mode = read_key_file(path, "public key")
+    return public_key_from_pem(data, source=str(path))
 
 
 def sign_canonical(key: PrivateKey, obj: BaseModel | dict[str, Any]) -> tuple[bytes, bytes]:
@@ -242,6 +285,6 @@ def keygen(out_dir: str | os.PathLike[str]) -> SiteKeyPaths:
 def load_site_key(key_dir: str | os.PathLike[str]) -> PrivateKey:
     """Load the private key that ``keygen`` wrote into ``key_dir``."""
     d = Path(key_dir)
-    if d.is_file():
-        return load_private_key(d)
-    return load_private_key(d / PRIVATE_KEY_FILE)
+    if d.is_dir():
+        return load_private_key(d / PRIVATE_KEY_FILE)
+    return load_private_key(d)

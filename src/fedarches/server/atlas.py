@@ -1,13 +1,14 @@
 """The coordinator's facade: an atlas directory, its lock, its reads, and the jobs it delegates.
 
-Layout of ``ATLAS_DIR`` (only ``repository/`` is ever served)::
+Layout of ``ATLAS_DIR`` (only ``repository/`` is ever served; folders 0755 unless said)::
 
     ATLAS_DIR/
       atlas.json        name and metadata expiry policy
       root.json         the trust anchor to hand to sites out of band (TUF root v1)
-      sites.json        enrolled sites and their Ed25519 public keys
-      keys/             0700; root.pem targets.pem snapshot.pem timestamp.pem (0600)
-      .lock             serialises writers (CLI, Flower ServerApp, ...)
+      sites.json        0600; enrolled sites, their Ed25519 public keys and retired key ids,
+                        sealed with an HMAC keyed by keys/registry.key (``registry``)
+      keys/             0700; root.pem targets.pem snapshot.pem timestamp.pem registry.key (0600)
+      .lock             0600; serialises writers (CLI, Flower ServerApp, ...)
       repository/       the static TUF repository: serve this directory
         metadata/       <N>.root.json, <N>.targets.json, <N>.snapshot.json, timestamp.json
         targets/        lineage.json, versions/<id>.json and blobs/<sha256>.safetensors,
@@ -93,6 +94,21 @@ def _check_new_dir(p: Path, name: str) -> None:
         )
 
 
+def _make_public_dirs(p: Path) -> None:
+    """The atlas folder and the served tree, 0755 whatever the umask.
+
+    ``mkdir`` modes are masked by the umask, so a umask of 000 would leave
+    folders anyone can write, including the one holding ``sites.json``; the
+    explicit ``chmod`` pins them. ``keys/`` is made 0700 by the repository.
+    Creating ``targets/versions`` and ``targets/blobs`` here means later
+    publishes write into folders that already have the right mode.
+    """
+    for d in (p, p / "repository", p / "repository" / "metadata", p / "repository" / "targets",
+              p / "repository" / "targets" / "versions", p / "repository" / "targets" / "blobs"):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o755)
+
+
 class Atlas:
     """An atlas directory (see module docstring). Open with ``Atlas(path)``, create with ``Atlas.init``."""
 
@@ -129,7 +145,8 @@ class Atlas:
         """
         p = Path(path)
         _check_new_dir(p, name)
-        p.mkdir(parents=True, exist_ok=True)
+        _make_public_dirs(p)
+        write_bytes(p / ".lock", b"", mode=0o600)
         config = AtlasConfig(name=name, created=utc_timestamp(), expiry=expiry or ExpiryPolicy())
         repo = TufRepository.create(p / "repository", p / "keys", config.expiry)
         repo.publish({LINEAGE_TARGET: canonical_json(Lineage(atlas=name, versions=[]))})
@@ -187,7 +204,12 @@ class Atlas:
     def enroll(
         self, site: str, public_key: PublicKey | str | os.PathLike[str] | bytes, *, replace: bool = False
     ) -> EnrolledSite:
-        """Record ``site``'s public key; only bundles it signs are accepted from ``site`` (``registry``)."""
+        """Record ``site``'s public key; only bundles it signs are accepted from ``site`` (``registry``).
+
+        ``replace=True`` rotates the key of an enrolled site; the old key id is
+        kept in ``sites.json`` (not in the signed lineage: a rotation publishes
+        nothing).
+        """
         key = as_public_key(public_key)
         with self._locked():
             return enroll_site(self._sites_json, site, key, replace=replace)
