@@ -25,7 +25,11 @@ INDIRECT = {
 }
 # Modules that are not distributions of their own name (first-party, test helpers).
 # tests import each other's helpers (conftest, test_atlas_support, ...): every module of tests/ is local
-LOCAL_TEST_MODULES = {"fedarches"} | {p.stem for p in (Path(__file__).parent).glob("*.py")}
+LOCAL_TEST_MODULES = (
+    {"fedarches"}
+    | {p.stem for p in Path(__file__).parent.glob("*.py")}
+    | {p.stem for p in (Path(__file__).parents[1] / "examples").rglob("*.py")}  # tests import example scripts
+)
 
 
 def _norm(name: str) -> str:
