@@ -169,48 +169,13 @@ def _prepare_out(path: Path) -> Path:
     return path
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from fedarches.federation.app_dir import write_app_dir
-    from fedarches.testing.flower import start_deployment, start_simulation
-    from fedarches.federation.protocol import SiteConfig, write_sim_sites
-    from fedarches.server import Atlas
-    from fedarches.server.http import serve_atlas
-    from fedarches.format.signing import keygen
-    from fedarches.cli.atlas import console as rich_console
-
-    if args.sites < 1 or args.rounds < 1:
-        raise InputDataError("--sites and --rounds must be at least 1")
-    if (args.condition_key or args.label_key) and not args.data:
-        raise InputDataError("--condition-key/--label-key go with --data")
-    torch.set_num_threads(1)
-    console = rich_console()
-    t_start = time.perf_counter()
-    out = _prepare_out(Path(args.out).resolve())
-    timings: dict[str, float] = {}
-
-    # 1. data
-    t = time.perf_counter()
-    ref, site_studies, ckey, lkey, holdout = _split_user(args) if args.data else _split_generated(args)
-    data_dir = out / "data"
-    data_dir.mkdir()
-    ref.write_h5ad(data_dir / "reference.h5ad")
-    console.print(f"[bold]data[/]: reference {ref.n_obs} cells x {ref.n_vars} genes, studies "
-                  f"{', '.join(ordered_conditions(ref.obs[ckey]))}" + (f", without {holdout!r}" if holdout else ""))
-    timings["data"] = time.perf_counter() - t
-
-    # 2. coordinator: atlas
-    t = time.perf_counter()
-    atlas = Atlas.init(out / "atlas", "fedarches-demo")
-    console.print(f"[bold]coordinator[/]: training the reference ({args.model}) ...")
-    v1 = atlas.build(data_dir / "reference.h5ad", ckey, lkey, kind=args.model, epochs=args.epochs,
-                     n_genes=args.n_genes, seed=args.seed, threads=1, progress=sys.stdout.isatty())
-    console.print(f"[bold]coordinator[/]: published version {v1.number} ({v1.id[:12]}...), trust root {atlas.root_json}")
-    timings["reference"] = time.perf_counter() - t
-
-    # 3. sites: data, keys, enrollment
+def _enroll_sites(args: argparse.Namespace, atlas: Any, site_studies: dict[str, list[Any]], ckey: str,
+                  out: Path, console: Any) -> list[Any]:
+    """Each site: its data file, its key (enrolled at the coordinator), its pinned root, its node config."""
     import anndata as ad
+
+    from fedarches.federation.protocol import SiteConfig
+    from fedarches.format.signing import keygen
 
     sites: list[SiteConfig] = []
     for name, studies in site_studies.items():
@@ -228,8 +193,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 epochs=args.site_epochs, conditions_per_round=1))
         console.print(f"[bold]{name}[/]: {data.n_obs} cells, studies {', '.join(ordered_conditions(data.obs[ckey]))}; "
                       "key enrolled")
+    return sites
 
-    # 4. serve + Flower
+
+def _run_flower(args: argparse.Namespace, atlas: Any, sites: list[Any], out: Path, console: Any) -> tuple[Any, Path]:
+    """Serve the atlas and run the rounds over Flower (simulation or a real deployment)."""
+    from fedarches.federation.app_dir import write_app_dir
+    from fedarches.federation.protocol import write_sim_sites
+    from fedarches.server.http import serve_atlas
+    from fedarches.testing.flower import start_deployment, start_simulation
+
     server = serve_atlas(atlas, "127.0.0.1", 0)  # keeps the timestamp metadata fresh during the run
     console.print(f"[bold]coordinator[/]: serving the atlas at {server.url}")
     app_dir = write_app_dir(out / "flower" / "fedarches-app")
@@ -243,7 +216,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     if args.site_epochs:
         run_config["epochs"] = args.site_epochs
-    t = time.perf_counter()
     fed = None
 
     def show(line: str) -> None:  # the coordinator's lines of the Flower log stream
@@ -268,6 +240,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
             fed.stop()
         server.close()
     (out / "flower" / "flwr-run.log").write_text(result.output)
+    return result, report_path
+
+
+def _draw(args: argparse.Namespace, atlas: Any, sites: list[Any], lkey: str, out: Path, console: Any) -> None:
+    from fedarches.plotting import atlas_cells, draw_atlas_umap
+
+    head = atlas.head()
+    model_dir = atlas.path.parent / f"atlas-v{head.number}-model"
+    atlas.export_model(head.number, model_dir)
+    cells = atlas_cells(model_dir, {s.site: sorted(s.results_dir.glob("map-v*/query.h5ad")) for s in sites}, lkey)
+    png = draw_atlas_umap(cells, out / "umap.png", seed=args.seed,
+                          title=f"fedarches demo: atlas version {head.number} + site cells (embedded at the sites)")
+    console.print(f"UMAP: {png}")
+    console.print("  (site cells are drawn from the sites' own result directories: the demo plays every "
+                  "role. A real coordinator holds only its reference latent and the scores sites report.)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedarches.cli.atlas import console as rich_console
+    from fedarches.server import Atlas
+
+    if args.sites < 1 or args.rounds < 1:
+        raise InputDataError("--sites and --rounds must be at least 1")
+    if (args.condition_key or args.label_key) and not args.data:
+        raise InputDataError("--condition-key/--label-key go with --data")
+    torch.set_num_threads(1)
+    console = rich_console()
+    t_start = time.perf_counter()
+    out = _prepare_out(Path(args.out).resolve())
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()  # 1. data
+    ref, site_studies, ckey, lkey, holdout = _split_user(args) if args.data else _split_generated(args)
+    (out / "data").mkdir()
+    ref.write_h5ad(out / "data" / "reference.h5ad")
+    console.print(f"[bold]data[/]: reference {ref.n_obs} cells x {ref.n_vars} genes, studies "
+                  f"{', '.join(ordered_conditions(ref.obs[ckey]))}" + (f", without {holdout!r}" if holdout else ""))
+    timings["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()  # 2. coordinator: atlas version 1
+    atlas = Atlas.init(out / "atlas", "fedarches-demo")
+    console.print(f"[bold]coordinator[/]: training the reference ({args.model}) ...")
+    v1 = atlas.build(out / "data" / "reference.h5ad", ckey, lkey, kind=args.model, epochs=args.epochs,
+                     n_genes=args.n_genes, seed=args.seed, threads=1, progress=sys.stdout.isatty())
+    console.print(f"[bold]coordinator[/]: published version {v1.number} ({v1.id[:12]}...), trust root {atlas.root_json}")
+    timings["reference"] = time.perf_counter() - t
+
+    sites = _enroll_sites(args, atlas, site_studies, ckey, out, console)  # 3. sites
+    t = time.perf_counter()  # 4. Flower rounds
+    result, report_path = _run_flower(args, atlas, sites, out, console)
     timings["flower"] = time.perf_counter() - t
     if not report_path.is_file():
         raise InputDataError(f"the Flower run ended ({result.status}) without a report; see {out / 'flower'}")
@@ -276,23 +300,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"[red]Flower run status {result.status}; report status {report.get('status')}: "
                       f"{report.get('error', '')}[/]")
 
-    # 5. results
-    print_results(report, atlas.path, holdout)
-    head = atlas.head()
-    assert head is not None
+    print_results(report, atlas.path, holdout)  # 5. results
     if not args.no_plot:
         t = time.perf_counter()
-        from fedarches.plotting import atlas_cells, draw_atlas_umap
-
-        model_dir = atlas.path.parent / f"atlas-v{head.number}-model"
-        atlas.export_model(head.number, model_dir)
-        cells = atlas_cells(model_dir, {s.site: sorted(s.results_dir.glob("map-v*/query.h5ad")) for s in sites}, lkey)
-        png = draw_atlas_umap(cells, out / "umap.png", seed=args.seed,
-                              title=f"fedarches demo: atlas version {head.number} + site cells (embedded at the sites)")
+        _draw(args, atlas, sites, lkey, out, console)
         timings["umap"] = time.perf_counter() - t
-        console.print(f"UMAP: {png}")
-        console.print("  (site cells are drawn from the sites' own result directories: the demo plays every "
-                      "role. A real coordinator holds only its reference latent and the scores sites report.)")
     total = time.perf_counter() - t_start
     console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
     console.print(f"everything is in {out} (atlas/, sites/*/results/, federation-report.json, flower/)")
