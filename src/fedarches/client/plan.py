@@ -2,7 +2,9 @@
 
 Why one function: the CLI, the Python API and the Flower client must reach the
 same verdict on the same data ("nothing new" is an outcome, not an error, in
-all three), and map the same cells in the same order.
+all three), and map the same cells in the same order. It is also where the
+name policy (``format.names``) meets every new condition name, so a bad name
+is refused before any training, not after.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from anndata import AnnData
 
 from fedarches.data.conditions import ordered_conditions
 from fedarches.errors import ColumnError
+from fedarches.format.names import check_new_names
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,11 @@ class ContributionPlan:
 def plan_contribution(
     adata: AnnData, condition_key: str, held_conditions: Iterable[str], *, conditions_per_round: int = 0
 ) -> ContributionPlan:
-    """Split the data's conditions into held and new; ``conditions_per_round`` > 0 caps the new ones."""
+    """Split the data's conditions into held and new; ``conditions_per_round`` > 0 caps the new ones.
+
+    Every new name (also those past the cap) must pass ``check_name`` against
+    the held ones and each other: raises ``InvalidNameError`` otherwise.
+    """
     if condition_key not in adata.obs.columns:
         cols = [str(c) for c in adata.obs.columns]
         shown = cols[:10] + (["..."] if len(cols) > 10 else [])
@@ -54,7 +61,7 @@ def plan_contribution(
     present = ordered_conditions(column)
     known = set(held_conditions)
     held = [c for c in present if c in known]
-    new = [c for c in present if c not in known]
+    new = check_new_names([c for c in present if c not in known], kind="condition", existing=known)
     if conditions_per_round > 0:
         new = new[:conditions_per_round]
     return ContributionPlan(present=present, held=held, new=new)

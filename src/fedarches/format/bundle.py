@@ -69,6 +69,7 @@ from fedarches.format.canonical import (
     validation_summary,
 )
 from fedarches.format.metrics import MAX_METRIC_TEXT, MAX_METRICS, MetricValue, sanitize_metrics
+from fedarches.format.names import check_name
 from fedarches.format.signing import PrivateKey, PublicKey, b64decode, b64encode, verify_canonical
 from fedarches.format.tensor_keys import SHARED_PREFIX, split_condition_key, split_shared_key
 
@@ -127,12 +128,8 @@ class BundleManifest(BaseModel):
 
 
 def check_condition_name(name: str) -> None:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
-        raise BundleContentError(
-            f"bundle content check failed: condition name {name!r} must be 1-{MAX_NAME_CHARS} characters"
-        )
-    if any(ord(c) < 32 for c in name):
-        raise BundleContentError(f"bundle content check failed: condition name {name!r} contains control characters")
+    """The name policy's own rules (``format.names``); intake adds the check against the target's names."""
+    check_name(name, kind="condition")
 
 
 @dataclass(frozen=True)

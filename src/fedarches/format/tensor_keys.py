@@ -3,8 +3,10 @@
 A condition vector is stored under ``"<table>/<condition name>"`` (tables:
 ``encoder``, ``decoder`` and for NB models ``dispersion``) in
 ``conditions.safetensors`` and in contribution bundles; a branch bundle's
-changed shared tensor under ``"shared/<blob file>/<tensor key>"``. Condition
-names may contain ``/``; the table never does, so the first ``/`` splits.
+changed shared tensor under ``"shared/<blob file>/<tensor key>"``. New
+condition names cannot contain ``/`` (``format.names``), but versions published
+before that rule may hold such names; the table never does, so the first ``/``
+splits.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from fedarches.errors import (
 from fedarches.format.bundle import Bundle, BundleSource, check_size, read_bundle
 from fedarches.format.conditions import merge_conditions, table_templates
 from fedarches.format.model_dir import CONDITIONS, WEIGHTS
+from fedarches.format.names import check_new_names
 from fedarches.format.tensor_keys import condition_key
 from fedarches.format.version import AtlasVersion, Lineage
 from fedarches.server.registry import SiteRegistry
@@ -129,6 +130,7 @@ def check_collision(bundle: Bundle, target: AtlasVersion) -> None:
             f"{target.number} (contributed by {c.site!r} in version {c.introduced_in}); "
             "rename the query study (the --condition-key values) and map again"
         )
+    check_new_names(m.conditions, kind="condition", existing=existing)  # case and look-alike clashes
 
 
 def check_condition_tensors(bundle: Bundle, parent: AtlasVersion, cond: dict[str, torch.Tensor]) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from fedarches.atomic import write_bytes
 from fedarches.errors import AtlasDirError, EnrollmentError
 from fedarches.format.canonical import canonical_json
+from fedarches.format.names import check_name
 from fedarches.format.signing import PublicKey, load_public_key, public_key_from_pem, read_key_file
 from fedarches.format.version import REFERENCE_SITE
 from fedarches.server.repository import utc_timestamp
@@ -145,11 +147,13 @@ def as_public_key(public_key: PublicKey | str | os.PathLike[str] | bytes) -> Pub
     return load_public_key(public_key)
 
 
-def check_site_name(site: str) -> None:
-    if not site or len(site) > 200 or any(ord(c) < 32 for c in site):
-        raise EnrollmentError(f"enrollment check failed: site name {site!r} must be 1-200 printable characters")
-    if site == REFERENCE_SITE:
-        raise EnrollmentError(f"enrollment check failed: {REFERENCE_SITE!r} is reserved for the atlas itself")
+def check_site_name(site: str, enrolled: Iterable[str] = ()) -> None:
+    """The name policy (``format.names``) for a new site: not reserved, not like an ``enrolled`` one.
+
+    Raises ``InvalidNameError``. ``REFERENCE_SITE`` is what the reference
+    conditions are recorded under, so no site may read as it.
+    """
+    check_name(site, kind="site", existing=enrolled, reserved=(REFERENCE_SITE,))
 
 
 def _retire(old: EnrolledSite, now: str) -> tuple[RetiredKey, ...]:
@@ -179,8 +183,9 @@ def enroll_site(path: Path, site: str, key: PublicKey, *, replace: bool = False)
     ``replace`` (``enroll --replace``), and the old key id is kept in
     ``previous_keys`` with the time it was replaced.
     """
-    check_site_name(site)
     reg = read_registry(path)
+    if site not in reg.sites:  # an enrolled name stays usable (key rotation) whatever rules came later
+        check_site_name(site, reg.sites)
     old = reg.sites.get(site)
     if old is not None and old.key_id == key.key_id:
         return old
