@@ -159,6 +159,12 @@ class AtlasKeyError(ModelFileError):
     check = "atlas key check"
 
 
+class OlderVersionError(ModelFileError):
+    """A fetch would replace a model folder holding a newer version of the same atlas."""
+
+    check = "version order check"
+
+
 # ---------------------------------------------------------------- verification
 
 
@@ -299,6 +305,12 @@ class FrozenWeightsError(ContributionError):
     """A ``conditions`` mapping changed a tensor it must leave byte-identical."""
 
     check = "frozen weights check"
+
+
+class RoundDeadlineError(ContributionError):
+    """A site did not finish its round within the time budget the request carried."""
+
+    check = "round deadline check"
 
 
 class ContributionContentError(ContributionError):

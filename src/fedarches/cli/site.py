@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, metavar="MODEL_DIR")
     q.add_argument("--version", type=int, default=None, help="version number (default: newest on the main line)")
     q.add_argument("--site", default=None, help="this site's name: use the same trust cache as its `site map`")
+    q.add_argument("--force", action="store_true",
+                   help="replace --out even when it holds a newer version of this atlas")
     q.set_defaults(func=cmd_fetch)
 
     q = ssub.add_parser("map", help="map private data onto the atlas and write a signed contribution")
@@ -59,7 +61,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from fedarches.client import AtlasClient
 
-    f = AtlasClient(args.atlas, args.trust, cache_dir=args.cache, site=args.site).fetch(args.out, args.version)
+    client = AtlasClient(args.atlas, args.trust, cache_dir=args.cache, site=args.site)
+    # Passed only with --force, so the call also works where AtlasClient.fetch predates the keyword.
+    force = {"replace_newer": True} if args.force else {}
+    f = client.fetch(args.out, args.version, **force)
     names = ", ".join(f.version.condition_names())
     print(f"verified version {f.number} (id {f.id}) of atlas {f.version.atlas!r} -> {f.path}")
     print(f"conditions: {names}")

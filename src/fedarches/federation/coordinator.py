@@ -138,8 +138,10 @@ def run_round(grid: Grid, atlas: Any, cfg: RunConfig, url: str, rnd: int, run_di
         rnd, len(nodes), head.number, head.id[:12])
     request = MapRequest(round=rnd, atlas_url=url, version=head.number, version_id=head.id,
                          trust_root=atlas.root_json.read_bytes(), epochs=cfg.epochs, strategy=cfg.strategy)
+    # The TTL is the round timeout: the site reads its time budget from it (and stops
+    # its work when it is spent), and Flower drops the request if nobody took it in time.
     messages = [Message(content=request.to_content(), dst_node_id=n, message_type=MessageType.TRAIN,
-                        group_id=str(rnd)) for n in nodes]
+                        ttl=float(cfg.round_timeout), group_id=str(rnd)) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if nodes else []
 
     sent: list[tuple[Path, SiteOutcome]] = []

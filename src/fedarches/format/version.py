@@ -34,6 +34,7 @@ from fedarches.errors import (
     FedarchesError,
     LineageError,
     ModelDirError,
+    OlderVersionError,
     OutputPathError,
     UnknownVersionError,
     VersionManifestError,
@@ -217,13 +218,20 @@ def entry_for(version: AtlasVersion, lineage: Lineage, published: str) -> Lineag
     )
 
 
-def write_model_dir(out_dir: str | os.PathLike[str], version: AtlasVersion, blobs: Mapping[str, bytes]) -> Path:
+def write_model_dir(
+    out_dir: str | os.PathLike[str], version: AtlasVersion, blobs: Mapping[str, bytes], *, replace_newer: bool = False
+) -> Path:
     """Write a model directory from verified blob bytes, atomically.
 
     The blobs are written byte for byte (not re-serialised) so the hashes in
     ``manifest.json`` are the published ones; ``atlas-version.json`` keeps the
     version manifest so a site knows which version (id, number) it holds.
     Checked with ``storage.load_model_dir`` before it replaces anything.
+
+    A folder holding a newer version of the same atlas is not replaced unless
+    ``replace_newer``: TUF's rollback protection lives in the trust cache, so a
+    fresh cache (first contact, or another ``--cache``) would otherwise let an
+    explicit ``--version`` silently downgrade the site's model.
     """
     target = Path(out_dir)
     if target.exists() and not target.is_dir():
@@ -232,6 +240,8 @@ def write_model_dir(out_dir: str | os.PathLike[str], version: AtlasVersion, blob
         raise OutputPathError(
             f"output path check failed: {target} exists and is not a fedarches model directory; choose another --out"
         )
+    if not replace_newer:
+        _refuse_older(target, version)
     with staged_dir(target) as tmp:
         for name, data in blobs.items():
             (tmp / name).write_bytes(data)
@@ -240,6 +250,27 @@ def write_model_dir(out_dir: str | os.PathLike[str], version: AtlasVersion, blob
         load_model_dir(tmp)
         replace_dir(tmp, target)
     return target
+
+
+def _refuse_older(target: Path, version: AtlasVersion) -> None:
+    """Raise `OlderVersionError` if ``target`` holds a higher number of the same atlas.
+
+    An unreadable or foreign ``atlas-version.json`` does not block: that folder is
+    no version to protect, and the write replaces it with a verified one.
+    """
+    held_file = target / ATLAS_VERSION_FILE
+    if not held_file.is_file():
+        return
+    try:
+        held = AtlasVersion.from_bytes(held_file.read_bytes())
+    except FedarchesError:
+        return
+    if held.atlas == version.atlas and held.number > version.number:
+        raise OlderVersionError(
+            f"version order check failed: {target} holds version {held.number} of atlas {held.atlas!r}, "
+            f"newer than version {version.number} being fetched; pass --force to replace it, "
+            "or choose another --out"
+        )
 
 
 def read_atlas_version(model_dir: str | os.PathLike[str]) -> AtlasVersion:
