@@ -8,7 +8,6 @@ numbers and ``--force``, the folder untouched; ``--force`` replaces it.
 
 from __future__ import annotations
 
-import inspect
 
 import pytest
 
@@ -17,9 +16,6 @@ from fedarches.client import AtlasClient
 from fedarches.errors import OlderVersionError
 from fedarches.format.version import read_atlas_version, write_model_dir
 from test_atlas_support import Served, bundle_for, enrolled_key, new_atlas, tree_digest
-
-FETCH_FORWARDS_FORCE = "replace_newer" in inspect.signature(AtlasClient.fetch).parameters
-
 
 @pytest.fixture
 def two_versions(tmp_path):
@@ -93,8 +89,6 @@ def test_another_atlas_or_a_damaged_version_file_does_not_block(two_versions, tm
     assert read_atlas_version(tmp_path / "other-model").atlas == atlas.name
 
 
-@pytest.mark.skipif(not FETCH_FORWARDS_FORCE,
-                    reason="AtlasClient.fetch does not forward replace_newer yet (client/fetch.py)")
 def test_force_replaces_a_newer_model_folder(two_versions, tmp_path):
     atlas, served = two_versions
     out = tmp_path / "model"

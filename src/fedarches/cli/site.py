@@ -62,9 +62,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from fedarches.client import AtlasClient
 
     client = AtlasClient(args.atlas, args.trust, cache_dir=args.cache, site=args.site)
-    # Passed only with --force, so the call also works where AtlasClient.fetch predates the keyword.
-    force = {"replace_newer": True} if args.force else {}
-    f = client.fetch(args.out, args.version, **force)
+    f = client.fetch(args.out, args.version, replace_newer=args.force)
     names = ", ".join(f.version.condition_names())
     print(f"verified version {f.number} (id {f.id}) of atlas {f.version.atlas!r} -> {f.path}")
     print(f"conditions: {names}")

@@ -314,12 +314,14 @@ class AtlasClient:
             return manifest, entry, blobs
 
     def fetch(
-        self, out_dir: str | os.PathLike[str], version: int | None = None, *, branch: str = MAIN_BRANCH
+        self, out_dir: str | os.PathLike[str], version: int | None = None, *, branch: str = MAIN_BRANCH,
+        replace_newer: bool = False,
     ) -> FetchedVersion:
         """Download, verify and write ``version`` (default: newest on ``branch``) as a model directory.
 
         Nothing is written unless every check passed; an existing model
-        directory at ``out_dir`` is replaced atomically.
+        directory at ``out_dir`` is replaced atomically, but never by an older
+        version of the same atlas unless ``replace_newer`` (``--force``).
         """
         manifest, entry, blobs = self.fetch_blobs(version, branch=branch)
         target = Path(out_dir)
@@ -327,7 +329,7 @@ class AtlasClient:
             target.parent.mkdir(parents=True, exist_ok=True)
             with _dir_lock(target.parent):
                 remove_stale_work_dirs(target)
-                path = write_model_dir(target, manifest, blobs)
+                path = write_model_dir(target, manifest, blobs, replace_newer=replace_newer)
         except OSError as exc:
             raise OutputPathError(f"output path check failed: could not write {target}: {exc}") from exc
         return FetchedVersion(path=path, version=manifest, entry=entry)
