@@ -2,7 +2,9 @@
 
 Why one commit for many versions: the lineage, every new manifest and every
 new blob become visible to sites at the single ``timestamp.json`` rename (see
-``server/repository.py``), so a crash never publishes half a merge.
+``server/repository.py``), so a crash never publishes half a merge; and
+before that rename a fresh TUF client must accept the lineage and the new
+manifests (``server/publish_checks.py``).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def publish_versions(
         lineage = lineage.model_copy(update={"versions": [*lineage.versions, entry]})
         entries.append(entry)
     files[LINEAGE_TARGET] = canonical_json(lineage)
-    repo.publish(files)
+    # a fresh site must get the lineage and every new manifest; blobs are bound to them by hash
+    repo.publish(files, check=[LINEAGE_TARGET, *(version_target(v.id) for v, _ in versions)])
     return entries
 
 

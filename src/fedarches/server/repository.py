@@ -24,6 +24,13 @@ names the old targets, whose files are all still there: the previous version is
 served and verifies. The leftovers are unreferenced files that the next publish
 overwrites (same names, since it starts again from the committed versions).
 
+What a publish refuses (``server/publish_checks.py``): a missing role key,
+before anything is written; a metadata directory holding a file this
+coordinator did not write (a stray ``2.root.json`` would make every site
+refuse the atlas); and, just before the commit, a version that a fresh
+``tuf.ngclient`` client bootstrapped from root v1 would not accept. A publish
+that fails (a refused check, a full disk) removes the files it added.
+
 Set ``FEDARCHES_PUBLISH_PAUSE`` to one of ``CHECKPOINTS`` to make a publishing
 process stop there (it prints a line to stderr and sleeps), so a test can
 SIGKILL it at an exact step.
@@ -31,9 +38,11 @@ SIGKILL it at an exact step.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, UTC
 from pathlib import Path
@@ -57,6 +66,7 @@ from fedarches.atomic import fsync_dir, write_bytes
 from fedarches.errors import AtlasKeyError, HashError, MetadataError, RepositoryError as AtlasRepositoryError, SignatureError
 from fedarches.format.signing import generate_key, load_private_key, write_private_key
 from fedarches.format.canonical import sha256_bytes, sha256_file
+from fedarches.server.publish_checks import check_metadata_dir, verify_as_fresh_site, verify_root_chain
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 PAUSE_ENV = "FEDARCHES_PUBLISH_PAUSE"
@@ -98,7 +108,25 @@ def checkpoint(name: str) -> None:
 
 def atomic_write(path: Path, data: bytes, *, pause: str | None = None) -> None:
     """``fedarches.atomic.write_bytes`` (0644), stopping at checkpoint ``pause`` before the rename."""
-    write_bytes(path, data, mode=0o644, before_replace=(lambda: checkpoint(pause)) if pause else None)
+    try:
+        write_bytes(path, data, mode=0o644, before_replace=(lambda: checkpoint(pause)) if pause else None)
+    except OSError as exc:
+        if exc.filename is None:  # a refused write or fsync names no file: say which one
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_failure(exc: OSError) -> str:
+    """One line for a write the operating system refused (a full disk, ``ulimit -f``, permissions)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    why = "no space left for the repository files" if exc.errno in _NO_SPACE else "cannot write the repository"
+    return (
+        f"atlas repository check failed: {why}{where}: {exc.strerror or exc}; nothing was published, the "
+        "previous version is still served and the files of this attempt were removed; fix it and run the command again"
+    )
 
 
 def _now() -> datetime:
@@ -147,11 +175,18 @@ class TufRepository:
     def _key_path(self, role: str) -> Path:
         return self.keys_dir / f"{role}.pem"
 
+    def _root_keyid(self) -> str | None:
+        """The root key this coordinator holds, or None when the root key is kept offline."""
+        return self.signer("root").public_key.keyid if self._key_path("root").is_file() else None
+
     def signer(self, role: str) -> CryptoSigner:
         if role not in self._signers:
             path = self._key_path(role)
             if not path.is_file():
-                raise AtlasKeyError(f"atlas key check failed: {path} is missing; the {role} role cannot sign")
+                raise AtlasKeyError(
+                    f"atlas key check failed: {path} is missing; the {role} role cannot sign. Nothing was "
+                    "written: restore the key file from your backup and run the command again"
+                )
             self._signers[role] = CryptoSigner(load_private_key(path).key)
         return self._signers[role]
 
@@ -180,14 +215,6 @@ class TufRepository:
         return repo
 
     # ---------------------------------------------------------------- load
-    def root_versions(self) -> list[int]:
-        out = []
-        for p in self.metadata_dir.glob("*.root.json"):
-            head = p.name.split(".", 1)[0]
-            if head.isdigit():
-                out.append(int(head))
-        return sorted(out)
-
     def root_bytes(self, version: int = 1) -> bytes:
         return (self.metadata_dir / f"{version}.root.json").read_bytes()
 
@@ -209,10 +236,7 @@ class TufRepository:
         of them: a tampered served directory must not be laundered into a new,
         validly signed version.
         """
-        roots = self.root_versions()
-        if not roots:
-            raise AtlasRepositoryError(f"atlas repository check failed: no root metadata in {self.metadata_dir}")
-        root_md, _ = self._load(self.metadata_dir / f"{roots[-1]}.root.json", "root")
+        root_md = verify_root_chain(self.metadata_dir, self._root_keyid())
         ts_md, _ = self._load(self.metadata_dir / "timestamp.json", "timestamp")
         try:
             root_md.verify_delegate("timestamp", ts_md)
@@ -263,20 +287,51 @@ class TufRepository:
         for p in self.repo_dir.rglob(TMP_GLOB):
             p.unlink(missing_ok=True)
 
-    def publish(self, files: dict[str, bytes]) -> RepoState:
-        """Add (or replace) target files and commit new targets, snapshot and timestamp."""
-        self.cleanup()
+    def publish(self, files: dict[str, bytes], *, check: Iterable[str] | None = None) -> RepoState:
+        """Add (or replace) target files and commit new targets, snapshot and timestamp.
+
+        Before anything is written: every signing key is there and the metadata
+        directory holds only what this coordinator wrote. Before the commit: a
+        fresh site would accept the new version and download the targets in
+        ``check`` (default: all of ``files``). A publish that fails removes the
+        files it added, so the repository is as it was.
+        """
+        for role in ROLES[1:]:
+            self.signer(role)
         state = self.current()
+        check_metadata_dir(
+            self.metadata_dir, state.root.signed.version, state.targets.signed.version, state.snapshot.signed.version
+        )
+        self.cleanup()
+        to_check = sorted(files if check is None else check)
+        written: list[Path] = []  # emptied at the commit: after it, nothing is removed
+        try:
+            self._write_targets(state, files, written)
+            checkpoint("target-files")
+            self._write_chain(
+                state,
+                bump=True,
+                written=written,
+                before_commit=lambda ts: verify_as_fresh_site(self.repo_dir, self.root_bytes(1), ts, to_check),
+            )
+        except OSError as exc:
+            raise AtlasRepositoryError(_write_failure(exc)) from exc
+        finally:
+            for p in written:
+                p.unlink(missing_ok=True)
+        return state
+
+    def _write_targets(self, state: RepoState, files: dict[str, bytes], written: list[Path]) -> None:
         for path, data in sorted(files.items()):
             info = TargetFile.from_data(path, data, ["sha256"])
             disk = self.targets_dir / target_disk_name(path, info.hashes["sha256"])
-            if not disk.is_file() or sha256_file(disk) != info.hashes["sha256"]:
+            present = disk.is_file()
+            if not present or sha256_file(disk) != info.hashes["sha256"]:
+                if not present:
+                    written.append(disk)
                 atomic_write(disk, data)
             state.targets.signed.targets[path] = info
         fsync_dir(self.targets_dir)
-        checkpoint("target-files")
-        self._write_chain(state, bump=True)
-        return state
 
     def refresh(self, *, force: bool = False) -> bool:
         """Re-sign targets/snapshot/timestamp when past half their lifetime (or ``force``).
@@ -297,7 +352,16 @@ class TufRepository:
             self.publish({})
         return due
 
-    def _write_chain(self, state: RepoState, *, bump: bool) -> None:
+    def _write_chain(
+        self,
+        state: RepoState,
+        *,
+        bump: bool,
+        written: list[Path] | None = None,
+        before_commit: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """Write targets, snapshot, then the timestamp (the commit); ``written`` lists the uncommitted files."""
+        written = [] if written is None else written
         now = _now()
         targets = state.targets.signed
         snapshot = state.snapshot.signed
@@ -309,7 +373,8 @@ class TufRepository:
         targets.expires = now + timedelta(seconds=self.expiry.targets)
         state.targets.sign(self.signer("targets"))
         targets_bytes = state.targets.to_bytes(_SERIALIZER)
-        atomic_write(self.metadata_dir / f"{targets.version}.targets.json", targets_bytes)
+        written.append(self.metadata_dir / f"{targets.version}.targets.json")
+        atomic_write(written[-1], targets_bytes)
         checkpoint("targets-metadata")
 
         snapshot.meta["targets.json"] = MetaFile(
@@ -318,7 +383,8 @@ class TufRepository:
         snapshot.expires = now + timedelta(seconds=self.expiry.snapshot)
         state.snapshot.sign(self.signer("snapshot"))
         snapshot_bytes = state.snapshot.to_bytes(_SERIALIZER)
-        atomic_write(self.metadata_dir / f"{snapshot.version}.snapshot.json", snapshot_bytes)
+        written.append(self.metadata_dir / f"{snapshot.version}.snapshot.json")
+        atomic_write(written[-1], snapshot_bytes)
         checkpoint("snapshot-metadata")
 
         timestamp.snapshot_meta = MetaFile(
@@ -326,7 +392,9 @@ class TufRepository:
         )
         timestamp.expires = now + timedelta(seconds=self.expiry.timestamp)
         state.timestamp.sign(self.signer("timestamp"))
-        atomic_write(
-            self.metadata_dir / "timestamp.json", state.timestamp.to_bytes(_SERIALIZER), pause="timestamp-temp"
-        )
+        timestamp_bytes = state.timestamp.to_bytes(_SERIALIZER)
+        if before_commit is not None:
+            before_commit(timestamp_bytes)
+        atomic_write(self.metadata_dir / "timestamp.json", timestamp_bytes, pause="timestamp-temp")
+        written.clear()
         checkpoint("committed")
