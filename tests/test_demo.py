@@ -19,7 +19,7 @@ def test_demo_small_generated(tmp_path, capsys):
     assert code == 0, text[-3000:]
     # lineage: reference, then one version per round (site-2 holds one study: nothing new in round 2)
     assert "v1 " in text and "v2 " in text and "v3 " in text and "v4 " not in text
-    assert "nothing-new" in text and "site-1/study_" in text and "site-2/study_" in text
+    assert "nothing-new" in text and "site-1-study_" in text and "site-2-study_" in text
     assert "label accuracy" in text and "unseen -> unknown" in text
     png = out / "umap.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -128,12 +128,12 @@ def _report() -> dict:
                "label_transfer.known_called_unknown": 0.02, "seconds": 41.5}
     rounds = [
         RoundReport(round=1, parent_number=1, parent_id="a" * 64, head_number=2, head_id="b" * 64, seconds=50.0,
-                    sites=[SiteOutcome(node_id=7, status="accepted", site="site-a", conditions=["site-a/study_2"],
+                    sites=[SiteOutcome(node_id=7, status="accepted", site="site-a", conditions=["site-a-study_2"],
                                        metrics=metrics, bundle_bytes=1234),
                            SiteOutcome(node_id=8, status="failed", site="site-b", check="obs column check",
                                        message="obs column check failed: 'study' is not a column")],
                     published=[{"number": 2, "id": "b" * 64, "branch": "main", "strategy": "conditions",
-                                "parents": [1], "conditions": [{"name": "site-a/study_2", "site": "site-a"}]}]),
+                                "parents": [1], "conditions": [{"name": "site-a-study_2", "site": "site-a"}]}]),
         RoundReport(round=2, parent_number=2, parent_id="b" * 64, head_number=2, head_id="b" * 64,
                     sites=[SiteOutcome(node_id=7, status="nothing-new", site="site-a",
                                        message="all studies are in the atlas"),
@@ -153,7 +153,7 @@ def test_atlas_report_prints_the_site_table(tmp_path, capsys):
                    "known -> unknown", "seconds"):
         assert column in text
     rows = [line for line in text.splitlines() if "site-a" in line or "node 9" in line or "site-b" in line]
-    assert "site-a/study_2" in rows[0] and "98.5%" in rows[0] and "90.0%" in rows[0] and "2.0%" in rows[0] \
+    assert "site-a-study_2" in rows[0] and "98.5%" in rows[0] and "90.0%" in rows[0] and "2.0%" in rows[0] \
         and "41.5" in rows[0]
     assert "failed" in rows[1] and "obs column check failed" in rows[1]
     assert "no-reply" in rows[2] and "node 9" in rows[2]  # a silent node has no site name: rows sort by name

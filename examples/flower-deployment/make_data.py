@@ -42,12 +42,12 @@ def main(argv: list[str]) -> int:
           f"{', '.join(studies[:N_REFERENCE_STUDIES])}, without {held_out!r}")
     for site, name in zip(fed.sites, studies[N_REFERENCE_STUDIES:]):
         q = adata[study == name].copy()
-        q.obs[site.condition_key] = f"{site.name}/{name}"  # condition names are global in the atlas
+        q.obs[site.condition_key] = f"{site.name}-{name}"  # condition names are global in the atlas
         if site.condition_key != ckey:
             del q.obs[ckey]
         site.data.parent.mkdir(parents=True, exist_ok=True)
         q.write_h5ad(site.data)
-        print(f"{site.data}: {q.n_obs} cells, study {site.name}/{name}")
+        print(f"{site.data}: {q.n_obs} cells, study {site.name}-{name}")
     return 0
 
 

@@ -92,7 +92,7 @@ def _split_generated(args: argparse.Namespace) -> tuple[Any, dict[str, list[Any]
     rest = studies[n_ref:]
     for i, k in enumerate(per_site):
         name = f"site-{i + 1}"
-        sites[name] = [_study(adata, ckey, s, f"{name}/{s}") for s in rest[:k]]
+        sites[name] = [_study(adata, ckey, s, f"{name}-{s}") for s in rest[:k]]
         rest = rest[k:]
     return ref, sites, ckey, lkey, holdout
 
