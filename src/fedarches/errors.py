@@ -307,12 +307,6 @@ class FrozenWeightsError(ContributionError):
     check = "frozen weights check"
 
 
-class RoundDeadlineError(ContributionError):
-    """A site did not finish its round within the time budget the request carried."""
-
-    check = "round deadline check"
-
-
 class ContributionContentError(ContributionError):
     """The site's mapped model does not extend the atlas version it claims to."""
 
