@@ -190,3 +190,14 @@ def test_a_swap_cut_between_its_renames_is_undone(atlas, server, fetched, tmp_pa
     _client(atlas, server.url, tmp_path).fetch(fetched)
     assert tree_digest(fetched) == before
     assert _leftovers(fetched) == []
+
+
+def test_an_unusable_trust_cache_is_a_one_line_error(tmp_path):
+    from fedarches.client import AtlasClient
+    from fedarches.errors import TrustCacheError
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should go")
+    client = AtlasClient("http://127.0.0.1:9", b"{}", cache_dir=blocker / "tuf")
+    with pytest.raises(TrustCacheError, match="trust cache check failed"):
+        client.lineage()

@@ -213,3 +213,17 @@ def test_registry_without_code_is_read_and_sealed_on_next_write(atlas, tmp_path)
     assert json.loads(sites.read_bytes())["mac"]
     assert _mode(atlas.path / "keys" / REGISTRY_KEY_FILE) == 0o600
     assert set(read_registry(sites).sites) == {"site-a", "site-b"}
+
+
+def test_a_folder_or_fifo_given_as_a_bundle_is_named_as_such(tmp_path):
+    import os
+
+    from fedarches.errors import BundleFileError
+    from fedarches.format.bundle import read_bundle
+
+    fifo = tmp_path / "bundle.fifo"
+    os.mkfifo(fifo)
+    for path, words in ((tmp_path, "is a directory"), (fifo, "is not a regular file"),
+                        (tmp_path / "missing.safetensors", "does not exist")):
+        with pytest.raises(BundleFileError, match=words):
+            read_bundle(path)

@@ -159,6 +159,12 @@ class AtlasKeyError(ModelFileError):
     check = "atlas key check"
 
 
+class TrustCacheError(ModelFileError):
+    """The site's trusted-metadata cache folder cannot be read or written (its own disk)."""
+
+    check = "trust cache check"
+
+
 class OlderVersionError(ModelFileError):
     """A fetch would replace a model folder holding a newer version of the same atlas."""
 

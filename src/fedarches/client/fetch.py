@@ -56,6 +56,7 @@ from fedarches.errors import (
     RollbackError,
     SignatureError,
     TargetError,
+    TrustCacheError,
     TrustRootError,
     UnknownVersionError,
     VerificationError,
@@ -208,44 +209,50 @@ class AtlasClient:
     @contextlib.contextmanager
     def _session(self) -> Iterator[Updater]:
         """An Updater over a copy of the cache; the copy replaces the cache only on success."""
-        cache = self.cache_dir
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with open(cache.parent / f".{cache.name}.lock", "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            old = cache.with_name(f".{cache.name}.old")
-            remove_stale_work_dirs(cache)
-            work = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
-            try:
-                if cache.exists():
-                    shutil.copytree(cache, work, symlinks=True, dirs_exist_ok=True)
-                targets = work / "downloads"
-                targets.mkdir(exist_ok=True)
+        try:
+            cache = self.cache_dir
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(cache.parent / f".{cache.name}.lock", "a+b") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                old = cache.with_name(f".{cache.name}.old")
+                remove_stale_work_dirs(cache)
+                work = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
                 try:
-                    updater = Updater(
-                        metadata_dir=str(work),
-                        metadata_base_url=f"{self.url}/metadata/",
-                        target_dir=str(targets),
-                        target_base_url=f"{self.url}/targets/",
-                        fetcher=self._fetcher or TimedFetcher(
-                            stall_s=self.stall_s, deadline_s=self.deadline_s, app_user_agent=USER_AGENT
-                        ),
-                        config=self._config,
-                        bootstrap=self.root_bytes,
-                    )
-                except (tuf_exc.RepositoryError, ValueError) as exc:
-                    raise TrustRootError(
-                        f"trust root check failed: the pinned root.json is not valid TUF root metadata ({exc})"
-                    ) from exc
-                yield updater
-                shutil.rmtree(targets, ignore_errors=True)
-                shutil.rmtree(old, ignore_errors=True)
-                if cache.exists():
-                    os.replace(cache, old)
-                os.replace(work, cache)
-                shutil.rmtree(old, ignore_errors=True)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+                    if cache.exists():
+                        shutil.copytree(cache, work, symlinks=True, dirs_exist_ok=True)
+                    targets = work / "downloads"
+                    targets.mkdir(exist_ok=True)
+                    try:
+                        updater = Updater(
+                            metadata_dir=str(work),
+                            metadata_base_url=f"{self.url}/metadata/",
+                            target_dir=str(targets),
+                            target_base_url=f"{self.url}/targets/",
+                            fetcher=self._fetcher or TimedFetcher(
+                                stall_s=self.stall_s, deadline_s=self.deadline_s, app_user_agent=USER_AGENT
+                            ),
+                            config=self._config,
+                            bootstrap=self.root_bytes,
+                        )
+                    except (tuf_exc.RepositoryError, ValueError) as exc:
+                        raise TrustRootError(
+                            f"trust root check failed: the pinned root.json is not valid TUF root metadata ({exc})"
+                        ) from exc
+                    yield updater
+                    shutil.rmtree(targets, ignore_errors=True)
+                    shutil.rmtree(old, ignore_errors=True)
+                    if cache.exists():
+                        os.replace(cache, old)
+                    os.replace(work, cache)
+                    shutil.rmtree(old, ignore_errors=True)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        except OSError as exc:  # the site's own disk (cache folder), not the server
+            raise TrustCacheError(
+                f"trust cache check failed: could not use the trusted-metadata cache {self.cache_dir}: {exc}; "
+                "check the disk and its permissions, or pass --cache DIR"
+            ) from exc
 
     # --------------------------------------------------------- targets
     @staticmethod

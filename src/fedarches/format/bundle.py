@@ -263,7 +263,9 @@ def _read_source(source: BundleSource) -> tuple[bytes, str]:
     else:
         p = Path(source)
         if not p.is_file():
-            raise BundleFileError(f"bundle file check failed: {p} does not exist")
+            what = ("is a directory" if p.is_dir() else "is not a regular file (a FIFO, socket or device?)"
+                    if p.exists() else "does not exist")
+            raise BundleFileError(f"bundle file check failed: {p} {what}; pass a contribution.safetensors file")
         size = p.stat().st_size
         if size > MAX_BUNDLE_BYTES:
             raise BundleSizeError(
