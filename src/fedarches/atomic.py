@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from fedarches.errors import OutputPathError
+
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Persist a directory's entries (a rename is durable only after this)."""
@@ -111,3 +113,17 @@ def staged_dir(target: str | os.PathLike[str], *, suffix: str = "") -> Iterator[
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable_dir(path: str | os.PathLike[str], marker: str, what: str) -> Path:
+    """``path`` may be replaced whole: absent, empty, or holding ``marker`` (an earlier ``what``).
+
+    Why refuse anything else: outputs are swapped in whole (``replace_dir``), so an
+    ``--out`` pointing at a directory of other files would remove them.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"output path check failed: {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise OutputPathError(f"output path check failed: {out} exists and is not {what}; choose another --out")
+    return out

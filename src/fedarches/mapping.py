@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 
-from fedarches.atomic import fsync_dir, replace_dir, staged_dir, write_text
+from fedarches.atomic import check_replaceable_dir, fsync_dir, replace_dir, staged_dir, write_text
 from fedarches.config import MapSettings
-from fedarches.errors import OutputPathError
 
 if TYPE_CHECKING:
     from fedarches.model import FedArchesModel, MapResult
@@ -41,20 +40,8 @@ class MapOutputs:
 
 
 def check_out_dir(path: str | os.PathLike[str], *, marker: str = REPORT_FILE) -> Path:
-    """``path`` may be replaced: absent, empty, or an earlier output (it holds ``marker``).
-
-    Why refuse anything else: the output is swapped in whole, so pointing
-    ``--out`` at a directory of other files would remove them.
-    """
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"output path check failed: --out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise OutputPathError(
-            f"output path check failed: {out} exists and is not an earlier output of this command; "
-            "choose another --out"
-        )
-    return out
+    """``path`` may be replaced: absent, empty, or an earlier output (it holds ``marker``)."""
+    return check_replaceable_dir(path, marker, "an earlier output of this command")
 
 
 def write_report(directory: Path, report: dict[str, Any]) -> Path:

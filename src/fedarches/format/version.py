@@ -29,13 +29,12 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedarches.atomic import replace_dir, staged_dir
+from fedarches.atomic import check_replaceable_dir, replace_dir, staged_dir
 from fedarches.errors import (
     FedarchesError,
     LineageError,
     ModelDirError,
     OlderVersionError,
-    OutputPathError,
     UnknownVersionError,
     VersionManifestError,
 )
@@ -233,13 +232,7 @@ def write_model_dir(
     fresh cache (first contact, or another ``--cache``) would otherwise let an
     explicit ``--version`` silently downgrade the site's model.
     """
-    target = Path(out_dir)
-    if target.exists() and not target.is_dir():
-        raise OutputPathError(f"output path check failed: {target} exists and is not a directory; choose another --out")
-    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise OutputPathError(
-            f"output path check failed: {target} exists and is not a fedarches model directory; choose another --out"
-        )
+    target = check_replaceable_dir(out_dir, MANIFEST, "a fedarches model directory")
     if not replace_newer:
         _refuse_older(target, version)
     with staged_dir(target) as tmp:
