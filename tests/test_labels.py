@@ -339,3 +339,73 @@ def test_errors_name_their_check_and_stay_input_errors():
     assert lt.min_label_cells == 100  # the default in effect for fit
     with pytest.raises(TypeError):
         KNNLabelTransfer.from_state(z, labels, lt.state(), cap_k=True)  # removed: it was ignored
+
+
+def _shifted_query(seed: int, spread: float) -> tuple[KNNLabelTransfer, np.ndarray, np.ndarray]:
+    """A reference of types A-E, and a query study in another state: every known cell
+    spread ``spread`` times wider around its type (farther from the reference than
+    reference studies are from one another), plus the unseen type F far off."""
+    z, labels, studies = atlas(seed, f_offset=12.0, shift_sd=0.2, n_small=150)
+    ref = (studies != "study_3") & (labels != "type_F")
+    lt = KNNLabelTransfer(workers=1).fit(z[ref], labels[ref], ref_batches=studies[ref], fpr=0.01)
+    q = studies == "study_3"
+    zq, truth = z[q].copy(), labels[q]
+    known = truth != "type_F"
+    for t in np.unique(truth[known]):
+        m = truth == t
+        centre = z[ref][labels[ref] == t].mean(0)
+        zq[m] = centre + spread * (zq[m] - centre)
+    return lt, zq, truth
+
+
+def test_query_shift_guard_keeps_false_alarms_low_in_a_shifted_state():
+    lt, zq, truth = _shifted_query(3, spread=1.6)
+    known = truth != "type_F"
+    fixed = lt.predict(zq, adapt_to_query=False)
+    adapted = lt.predict(zq)
+    # calibrated on the reference alone, the shifted state flags a large share of known cells ...
+    assert fixed.is_novel[known].mean() > 0.2
+    # ... the guard divides each study's scores by its median excess and keeps them low,
+    assert adapted.is_novel[known].mean() <= 0.05
+    assert float(adapted.query_shift[0]) > 1.0 and np.unique(adapted.query_shift).size == 1
+    # while the unseen type, a minority of the study, is still called unknown
+    assert adapted.is_unknown[~known].mean() >= 0.9
+
+
+def test_query_shift_guard_is_off_for_reference_like_queries_and_per_study():
+    lt, zq, truth = _shifted_query(4, spread=1.0)
+    adapted, fixed = lt.predict(zq), lt.predict(zq, adapt_to_query=False)
+    unseen = truth == "type_F"
+    # a query no farther than the reference keeps (nearly) the reference calibration:
+    # the unseen type (18% of the study) lifts the median only a little
+    assert float(adapted.query_shift.max()) <= 1.15
+    assert adapted.is_novel[unseen].mean() >= fixed.is_novel[unseen].mean() - 0.02
+    assert adapted.is_novel[~unseen].mean() <= fixed.is_novel[~unseen].mean()
+    # known types of a new study sit where the cross-study calibration expects them
+    calm = lt.predict(zq[~unseen])
+    assert float(calm.query_shift.max()) <= 1.05
+    # exactly the reference calibration when the query is closer than that (clipped at 1)
+    inner = lt.predict(zq[~unseen] * 0.0 + lt.gaussian.means[lt.predict(zq[~unseen]).knn_code])
+    assert np.all(inner.query_shift == 1.0)
+    # one guard per query study: a shifted study does not relax the other one
+    _, zs, _ = _shifted_query(4, spread=1.6)
+    zc = zq[~unseen]
+    both = np.vstack([zc, zs])
+    batches = np.array(["calm"] * len(zc) + ["shifted"] * len(zs))
+    res = lt.predict(both, query_batches=batches)
+    assert float(res.query_shift[:len(zc)].max()) <= 1.05 and np.all(res.query_shift[len(zc):] > 1.2)
+    # too few cells of a study to place their own median: the reference calibration
+    few = lt.predict(zs[:10])
+    assert np.all(few.query_shift == 1.0)
+
+
+def test_states_without_the_guard_statistic_still_load(tmp_path):
+    z, labels, studies = atlas(5)
+    lt = KNNLabelTransfer(workers=1).fit(z, labels, ref_batches=studies)
+    state = lt.state()
+    assert np.isfinite(state["reference_median_score"]).all()
+    old = {k: v for k, v in state.items() if k != "reference_median_score"}
+    loaded = KNNLabelTransfer.from_state(z, labels, old, label_categories=lt.label_categories)
+    assert np.all(loaded.predict(z[:100]).query_shift == 1.0)
+    again = KNNLabelTransfer.from_state(z, labels, state, label_categories=lt.label_categories)
+    assert again.reference_median_score == lt.reference_median_score

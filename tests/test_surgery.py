@@ -162,3 +162,30 @@ def test_frozen_tensors_get_no_gradient(trvae_model):
     assert all(p.requires_grad for p in params)
     assert sum(p.numel() for p in params) == trvae_model.config.condition_parameter_count(1)
     assert isinstance(params[0], torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("kind", ["trvae", "nb"])
+def test_label_aware_reference_has_a_frozen_classifier(kind, trvae_model, nb_model, tiny_data):
+    model = trvae_model if kind == "trvae" else nb_model
+    assert model.label_key is not None
+    c = model.config
+    # a reference trained with labels carries the classifier that shaped its latent ...
+    assert c.n_labels == len(model.reference.categories) and c.classifier_weight > 0
+    assert {"classifier.weight", "classifier.bias"} <= set(model.module.shared_state_dict())
+    # ... as a shared weight: surgery trains only the new condition rows, never it
+    res = model.map_query(tiny_data[1], "study", epochs=3, progress=False)
+    for key in ("classifier.weight", "classifier.bias"):
+        assert tensor_sha256(res.model.module.state_dict()[key]) == tensor_sha256(model.module.state_dict()[key])
+    assert res.report.trainable_parameters == c.condition_parameter_count(1)
+
+
+def test_reference_without_labels_has_no_classifier(tiny_data):
+    from fedarches.config import TrainConfig
+
+    m = FedArchesModel.train_reference(tiny_data[0], "study", kind="trvae", n_genes=0,
+                                       train=TrainConfig(epochs=2, threads=1), progress=False)
+    assert m.config.n_labels == 0 and not hasattr(m.module, "classifier")
+    off = FedArchesModel.train_reference(tiny_data[0], "study", "cell_type", kind="trvae", n_genes=0,
+                                         train=TrainConfig(epochs=2, threads=1), progress=False,
+                                         config={"classifier_weight": 0.0})
+    assert off.config.n_labels == 0 and not hasattr(off.module, "classifier")

@@ -33,6 +33,12 @@ class ModelConfig(BaseModel):
     mmd_weight: float = 20.0  # beta
     recon_weight: float = 1000.0  # eta
     grad_clip: float = 5.0
+    # Label-aware reference (scANVI's idea): a linear classifier on the latent,
+    # trained with the reference labels, so cell types the reference tells apart
+    # stay apart in the latent. 0 labels = no classifier. It is a frozen shared
+    # weight after surgery, so bundles and the surgery invariants do not change.
+    n_labels: int = Field(default=0, ge=0)
+    classifier_weight: float = Field(default=0.0, ge=0.0)
 
     @classmethod
     def paper_defaults(cls, kind: ModelKind, n_genes: int) -> "ModelConfig":

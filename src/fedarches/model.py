@@ -33,6 +33,7 @@ from fedarches.errors import (
     UnknownConditionError,
 )
 from fedarches.labels import KNNLabelTransfer, LabelTransferResult
+from fedarches.neighbours import encode_labels
 from fedarches.models.cvae import CVAE
 from fedarches.report import LabelTransferSummary, MapReport
 from fedarches.format.model_dir import CONDITIONS, ModelManifest, REFERENCE, WEIGHTS, load_model_dir, save_model_dir
@@ -70,8 +71,9 @@ class ReferenceIndex:
     categories: list[str]
     transfer: KNNLabelTransfer
 
-    def predict(self, latent: np.ndarray) -> LabelTransferResult:
-        return self.transfer.predict(latent)
+    def predict(self, latent: np.ndarray, batches: np.ndarray | None = None) -> LabelTransferResult:
+        """``batches``: the study of each cell, so each study gets its own query-shift guard."""
+        return self.transfer.predict(latent, query_batches=batches)
 
 
 def _prepare(adata: ad.AnnData, kind: ModelKind, genes: list[str] | None, condition_key: str,
@@ -176,14 +178,14 @@ class FedArchesModel:
         genes = select_genes(x_full, var_names, conditions, n_genes)
         data = _prepare_matrix(x_full, var_names, conditions, kind, genes)
         names = ordered_conditions(adata.obs[condition_key])
-        model_config = ModelConfig.paper_defaults(kind, len(genes))
-        if config:
-            model_config = ModelConfig.model_validate({**model_config.model_dump(), **config})
+        categories, codes = encode_labels(labels, adata.n_obs) if labels is not None else ([], None)
+        model_config = _reference_config(kind, len(genes), len(categories), config)
         torch.manual_seed(train.seed)
         module = CVAE(model_config, names)
         index = {n: i for i, n in enumerate(names)}
         cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
-        source = MatrixSource(module, data.x, cond_idx, data.library)
+        source = MatrixSource(module, data.x, cond_idx, data.library,
+                              labels=codes if model_config.n_labels else None)
         params = module.set_trainable(None)
         history = train_loop(module, source, params, train, query=False, progress=progress,
                              description=f"reference ({kind})")
@@ -191,7 +193,8 @@ class FedArchesModel:
         model.last_history = history
         if labels is not None:
             latent = model._latent(data.x, cond_idx)
-            transfer = KNNLabelTransfer().fit(latent, labels, ref_batches=data.conditions, fpr=novelty_fpr)
+            transfer = KNNLabelTransfer().fit(latent, labels, ref_batches=data.conditions, fpr=novelty_fpr,
+                                              label_categories=categories)
             codes = pd.Categorical(labels, categories=transfer.label_categories).codes.astype(np.int64)
             model.reference = ReferenceIndex(latent=latent, labels=codes,
                                              categories=list(transfer.label_categories), transfer=transfer)
@@ -314,7 +317,7 @@ class FedArchesModel:
         out = adata.copy()
         out.obsm[LATENT_KEY] = self._latent(data.x, cond_idx)
         if self.reference is not None and self.label_key:
-            res = self.reference.predict(out.obsm[LATENT_KEY])
+            res = self.reference.predict(out.obsm[LATENT_KEY], data.conditions)
             lk = self.label_key
             out.obs[f"{lk}_pred"] = pd.Categorical(res.prediction)
             out.obs[f"{lk}_uncertainty"] = res.uncertainty.astype(np.float32)
@@ -419,6 +422,23 @@ class FedArchesModel:
         return cls(module, genes=manifest.genes, condition_key=manifest.condition_key,
                    train_config=manifest.train, label_key=manifest.label_key, reference=reference)
 
+
+
+#: Weight of the reference classifier's cross-entropy (0 = no classifier), per
+#: model kind, relative to that kind's reconstruction term; chosen by measurement
+#: (benchmarks/RESULTS.md, quality section).
+CLASSIFIER_WEIGHT: dict[str, float] = {"trvae": 100.0, "nb": 100.0}
+
+
+def _reference_config(kind: ModelKind, n_genes: int, n_labels: int, overrides: dict[str, Any] | None) -> ModelConfig:
+    """Paper defaults, the label-aware classifier when labels are given, then the caller's overrides."""
+    base = ModelConfig.paper_defaults(kind, n_genes).model_dump()
+    if n_labels:
+        base.update(n_labels=n_labels, classifier_weight=CLASSIFIER_WEIGHT[kind])
+    merged = {**base, **(overrides or {})}
+    if not merged.get("classifier_weight"):  # no classifier term: no classifier weights either
+        merged.update(n_labels=0, classifier_weight=0.0)
+    return ModelConfig.model_validate(merged)
 
 
 _LEGACY_MAP_ARGS = ("strategy", "epochs", "seed", "threads", "progress")

@@ -63,6 +63,7 @@ class MatrixSource:
     x: sp.csr_matrix
     condition: np.ndarray  # int64 condition indices
     library: np.ndarray | None  # float32, NB only
+    labels: np.ndarray | None = None  # int64 label codes (-1 = unlabelled), label-aware reference only
     n_cells: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +72,8 @@ class MatrixSource:
 
     def loss_kwargs(self, rows: np.ndarray) -> dict[str, object]:
         kw: dict[str, object] = {"condition": torch.from_numpy(self.condition[rows])}
+        if self.labels is not None:
+            kw["labels"] = torch.from_numpy(self.labels[rows])
         if self.library is not None:
             assert self.lgamma_x1 is not None
             x, kw["nonzeros"] = count_rows(self.x, rows, self.lgamma_x1)

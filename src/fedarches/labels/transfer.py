@@ -10,6 +10,9 @@ confident wrong label. The novelty score is the larger of two ratios: the mean
 distance to the ``k_novelty`` nearest reference cells over its label's threshold
 (:mod:`fedarches.labels.calibration`), and the class-Gaussian score
 (:class:`fedarches.labels.novelty.ClassGaussianNovelty`); above 1 means novel.
+Both are calibrated on the reference; :mod:`fedarches.labels.query_shift` then
+adapts them to a query in another biological state (the query's own median
+excess, and the score of each cell's query neighbourhood).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fedarches.labels.calibration import (
 )
 from fedarches.labels.knn import CHUNK, EXACT_METHOD, METHODS, NeighbourIndex, spatial_order
 from fedarches.labels.novelty import ClassGaussianNovelty
+from fedarches.labels.query_shift import neighbourhood_median, shift_factors, study_groups
 from fedarches.labels.weights import label_probabilities
 from fedarches.neighbours import as_latent, encode_labels, resolve_workers
 
@@ -64,12 +68,14 @@ class LabelTransferResult:
     knn_prediction: np.ndarray  # object array of str; argmax label, always a reference label
     knn_code: np.ndarray  # int64 codes into label_categories of knn_prediction
     uncertainty: np.ndarray  # float32, 1 - max_y p(y)  (paper eq. 22)
-    novelty_score: np.ndarray  # float32, max(distance_score, gaussian_score); > 1 means novel
+    novelty_score: np.ndarray  # float32; > 1 means novel: max(distance_score, gaussian_score) / query_shift,
+    # or the median of that over the cell's query neighbours if larger (adapt_to_query)
     is_novel: np.ndarray  # bool, novelty_score > 1
     is_unknown: np.ndarray  # bool, uncertain OR novel
     probabilities: np.ndarray | None = None  # float32 [n, n_labels] when requested
     distance_score: np.ndarray | None = None  # float32, kNN distance statistic / its label threshold
     gaussian_score: np.ndarray | None = None  # float32, min over labels of Mahalanobis / threshold
+    query_shift: np.ndarray | None = None  # float32 per cell: the guard its study's scores were divided by (>= 1)
 
 
 def _check_fit_settings(k: int, k_novelty: int, fpr: float, uncertainty_threshold: float,
@@ -133,6 +139,7 @@ class KNNLabelTransfer:
             pooled_ratio_quantile=np.full(2, np.nan, dtype=np.float64), calibration_counts=np.zeros(0, dtype=np.int64))
         self._n_dims = 0
         self.gaussian = ClassGaussianNovelty()
+        self.reference_median_score = float("nan")  # median raw score of calibration cells; nan: no guard
 
     def _build_index(self, latent: np.ndarray) -> None:
         self.index = NeighbourIndex(latent, self.ref_codes, len(self.label_categories), self.k, self.k_novelty,
@@ -205,15 +212,38 @@ class KNNLabelTransfer:
         self.thresholds = label_thresholds(stats, loo_stats, codes[cal], mode, n_labels, self.fpr,
                                            self.min_label_cells)
         self.gaussian = ClassGaussianNovelty().fit(latent, codes, n_labels, fpr=self.fpr)
+        # The raw novelty score of the calibration cells, as a query cell's is computed
+        # (distance statistic against other studies over its label's threshold, and the
+        # class-Gaussian score): its median is what a query of known types should show.
+        ref_scores = np.maximum(stats / np.maximum(self.thresholds.label_thresholds[codes[cal]],
+                                                   np.finfo(np.float64).tiny),
+                                self.gaussian.score(latent[cal]))
+        self.reference_median_score = float(np.median(ref_scores))
         return self
 
     # ------------------------------------------------------------------ prediction
 
-    def predict(self, query_latent: np.ndarray, *, return_probabilities: bool = False) -> LabelTransferResult:
+    def predict(self, query_latent: np.ndarray, *, return_probabilities: bool = False,
+                query_batches: np.ndarray | None = None, adapt_to_query: bool = True) -> LabelTransferResult:
         """Label query cells; see :class:`LabelTransferResult` for the fields.
 
         Processed in chunks of 65,536 cells, so memory stays bounded for any query
         size (``return_probabilities`` adds ``n x n_labels`` float32).
+
+        ``adapt_to_query`` (default): the query-shift guard. A query in another
+        biological state (disease, stimulation) lies farther from the reference
+        than reference studies lie from one another, so thresholds calibrated on the
+        reference alone flag whole known types. Each query study's scores are
+        divided by ``max(1, median query score / median reference score)``: the
+        bulk of a study is its known types, a type the reference lacks is a
+        minority that barely moves the median, and a query no farther than the
+        reference keeps the reference calibration exactly. ``query_batches``: the
+        study of each query cell (one guard per study; default: one for all);
+        studies with fewer than ``query_shift.MIN_SHIFT_CELLS`` cells keep the
+        reference calibration. With the guard, the score of a cell is also at least
+        the median guarded score of its 15 nearest query cells of the same study
+        (a new type is a population). Call it with a study's cells together, not
+        cell by cell (:mod:`fedarches.labels.query_shift`).
         """
         if self.index is None:
             raise LabelStateError("label transfer state check failed: KNNLabelTransfer is not fitted: "
@@ -240,17 +270,26 @@ class KNNLabelTransfer:
             stat[sel] = d[:, :self.k_novelty].mean(axis=1)
             if probs is not None:
                 probs[sel] = p
-        return self._result(q, code, unc, stat, probs)
+        return self._result(q, code, unc, stat, probs, query_batches, adapt_to_query)
 
     def _result(self, q: np.ndarray, code: np.ndarray, unc: np.ndarray, stat: np.ndarray,
-                probs: np.ndarray | None) -> LabelTransferResult:
+                probs: np.ndarray | None, batches: np.ndarray | None = None,
+                adapt: bool = True) -> LabelTransferResult:
         n = q.shape[0]
         # 1 - max p can round to -2e-16 when every neighbour agrees: report a clean 0
         unc = np.clip(unc, 0.0, 1.0)
         thr = self.thresholds.label_thresholds[code] if n else np.zeros(0)
         distance_score = stat / np.maximum(thr, np.finfo(np.float64).tiny)
         gaussian_score = self.gaussian.score(q)
-        score = np.maximum(distance_score, gaussian_score)
+        raw = np.maximum(distance_score, gaussian_score)
+        if adapt and n:
+            groups = study_groups(batches, n)
+            shift = shift_factors(raw, groups, self.reference_median_score)
+            population = neighbourhood_median(q, raw / shift, groups, workers=self.workers)
+            score = np.maximum(raw / shift, population)
+        else:
+            shift = np.ones(n, dtype=np.float64)
+            score = raw
         is_novel = score > 1.0
         is_unknown = is_novel | (unc > self.uncertainty_threshold)
         cats = np.asarray(self.label_categories, dtype=object)
@@ -268,6 +307,7 @@ class KNNLabelTransfer:
             probabilities=probs,
             distance_score=distance_score.astype(np.float32),
             gaussian_score=gaussian_score.astype(np.float32),
+            query_shift=shift.astype(np.float32),
         )
 
     # ------------------------------------------------------------------ persistence
@@ -301,6 +341,7 @@ class KNNLabelTransfer:
             "calibration_counts": t.calibration_counts.astype(np.int64).copy(),
             "n_reference": np.array([self.ref_codes.shape[0]], dtype=np.int64),
             "n_dims": np.array([self._n_dims], dtype=np.int64),
+            "reference_median_score": np.array([self.reference_median_score], dtype=np.float64),
             **{_GAUSSIAN_PREFIX + k: v for k, v in self.gaussian.state().items()},
         }
 
@@ -352,6 +393,8 @@ class KNNLabelTransfer:
             raise LabelStateError(f"label transfer state check failed: state has k={obj.k}, "
                                   f"k_novelty={obj.k_novelty} for {n} reference cells")
         obj.gaussian = _read_gaussian(state, len(cats), dims)
+        if "reference_median_score" in state:
+            obj.reference_median_score = float(np.asarray(state["reference_median_score"]).ravel()[0])
         obj._n_dims = dims
         obj._build_index(latent)
         return obj

@@ -64,6 +64,7 @@ class LossParts:
     recon: torch.Tensor
     kl: torch.Tensor
     mmd: torch.Tensor
+    classification: torch.Tensor
 
 
 class CVAE(nn.Module):
@@ -90,6 +91,8 @@ class CVAE(nn.Module):
         self.out = nn.Linear(d[-1], c.n_genes)
         if c.kind == "nb":
             self.dispersion = ConditionTable(c.n_genes, conditions, init_std=0.1)
+        if c.n_labels:
+            self.classifier = nn.Linear(c.latent_dim, c.n_labels)
 
     # ----------------------------------------------------------------- structure
     @property
@@ -181,12 +184,14 @@ class CVAE(nn.Module):
         library: torch.Tensor | None = None,
         mse: MSETerms | None = None,
         nonzeros: Nonzeros | None = None,
+        labels: torch.Tensor | None = None,
     ) -> LossParts:
         """Training loss for a minibatch.
 
         ``projection`` replaces ``x_in`` when the first encoder layer is frozen;
         ``mse`` replaces ``target`` for trVAE when the output layer is frozen;
         ``nonzeros`` (NB) locates the nonzero counts of ``target`` from its CSR rows.
+        ``labels``: reference label codes (-1 = unlabelled) for the classifier term.
         """
         c = self.config
         mu, logvar = self.encode(condition, x_in=x_in, projection=projection)
@@ -207,7 +212,17 @@ class CVAE(nn.Module):
         kl = kl_normal(mu, logvar).mean()
         mmd = mmd_between_conditions(first, condition) if c.mmd_weight > 0 else recon.new_zeros(())
         total = c.recon_weight * recon + kl_weight * kl + c.mmd_weight * mmd
-        return LossParts(total=total, recon=recon.detach(), kl=kl.detach(), mmd=mmd.detach())
+        ce = recon.new_zeros(())
+        if labels is not None and c.n_labels and c.classifier_weight > 0 and bool((labels >= 0).any()):
+            ce = F.cross_entropy(self.classifier(z), labels, ignore_index=-1)
+            total = total + c.classifier_weight * ce
+        return LossParts(total=total, recon=recon.detach(), kl=kl.detach(), mmd=mmd.detach(),
+                         classification=ce.detach())
+
+    @torch.no_grad()
+    def label_probabilities(self, z: torch.Tensor) -> torch.Tensor:
+        """The classifier's p(label | z) (rows sum to 1); only for a label-aware reference."""
+        return F.softmax(self.classifier(z), dim=-1)
 
     @torch.no_grad()
     def latent(self, condition: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""The query-adaptive part of the novelty test: what the query's own structure says.
+
+Why: thresholds calibrated on the reference alone assume a query of known types
+lies as far from the reference as one reference study lies from another. A query
+in another biological state (disease, stimulation) is farther: every type moves,
+so a reference-only threshold flags whole known types (measured: one known cell
+in ten on a stimulated PBMC query). Two facts about the query separate "a known
+type in a new state" from "a type the reference lacks":
+
+* the bulk of a query study is its known types, and a state moves them together,
+  so the study's median novelty score over the reference's median is the excess
+  the state causes. Scores are divided by it (never by less than 1, so a query no
+  farther than the reference keeps the reference calibration). A type the
+  reference lacks is a minority and barely moves the median.
+* a new type forms a population: its cells' query neighbours are new too. The
+  median score of a cell's ``k`` nearest query cells (same study) is a second,
+  smoother statistic; it rescues cells of a new population that sit just inside
+  the threshold after the division above, and it never fires for an isolated
+  cell of a known type.
+
+docs/LABELS.md has the measurements behind the choice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from fedarches.neighbours import label_strings
+
+MIN_SHIFT_CELLS = 50  # fewer query cells of one study cannot place their own median
+NEIGHBOURS = 15  # query neighbours of the population statistic
+MAX_TREE_CELLS = 200_000  # above this, neighbours come from a seeded sample of the study
+
+
+def study_groups(batches: object | None, n: int) -> np.ndarray:
+    """Query study of each cell as an integer group (all one group without batches)."""
+    if batches is None:
+        return np.zeros(n, dtype=np.int64)
+    return np.unique(label_strings(batches, n, "query batches"), return_inverse=True)[1].ravel().astype(np.int64)
+
+
+def shift_factors(raw: np.ndarray, groups: np.ndarray, reference_median: float) -> np.ndarray:
+    """Per cell, ``max(1, median raw score of its study / reference median)``."""
+    shift = np.ones(raw.shape[0], dtype=np.float64)
+    if not (np.isfinite(reference_median) and reference_median > 0):
+        return shift
+    for g in np.unique(groups):
+        members = groups == g
+        values = raw[members]
+        finite = values[np.isfinite(values)]
+        if finite.size >= MIN_SHIFT_CELLS:
+            shift[members] = max(1.0, float(np.median(finite)) / reference_median)
+    return shift
+
+
+def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndarray, *,
+                         k: int = NEIGHBOURS, workers: int = 1, seed: int = 0) -> np.ndarray:
+    """Median of ``values`` over each cell's ``k`` nearest cells of its own study (itself
+    included); studies smaller than ``MIN_SHIFT_CELLS`` keep their cells' own values."""
+    out = values.astype(np.float64).copy()
+    rng = np.random.default_rng(seed)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        if members.size < MIN_SHIFT_CELLS:
+            continue
+        pool = members if members.size <= MAX_TREE_CELLS else np.sort(rng.choice(members, MAX_TREE_CELLS,
+                                                                                 replace=False))
+        kk = min(k, pool.size)
+        tree = cKDTree(latent[pool])
+        for start in range(0, members.size, 65536):
+            rows = members[start:start + 65536]
+            _, idx = tree.query(latent[rows], kk, workers=workers)
+            out[rows] = np.median(values[pool][idx.reshape(rows.size, kk)], axis=1)
+    return out
