@@ -409,3 +409,20 @@ def test_states_without_the_guard_statistic_still_load(tmp_path):
     assert np.all(loaded.predict(z[:100]).query_shift == 1.0)
     again = KNNLabelTransfer.from_state(z, labels, state, label_categories=lt.label_categories)
     assert again.reference_median_score == lt.reference_median_score
+
+
+def test_classifier_probabilities_make_the_call_and_the_novelty_tests_stay():
+    z, labels, studies = atlas(6)
+    ref = studies != "study_3"
+    lt = KNNLabelTransfer(workers=1).fit(z[ref], labels[ref], ref_batches=studies[ref])
+    zq = z[~ref]
+    n, k = zq.shape[0], len(lt.label_categories)
+    probs = np.full((n, k), 0.1 / (k - 1))
+    probs[:, 2] = 0.9  # a classifier that says "label 2" for every cell
+    res = lt.predict(zq, classifier_probabilities=probs)
+    plain = lt.predict(zq)
+    assert (res.knn_prediction == lt.label_categories[2]).all()
+    np.testing.assert_allclose(res.uncertainty, 0.1, rtol=1e-5)
+    np.testing.assert_array_equal(res.novelty_score, plain.novelty_score)  # thresholds follow the neighbours
+    with pytest.raises(LatentError):
+        lt.predict(zq, classifier_probabilities=probs[:, :2])

@@ -71,9 +71,11 @@ class ReferenceIndex:
     categories: list[str]
     transfer: KNNLabelTransfer
 
-    def predict(self, latent: np.ndarray, batches: np.ndarray | None = None) -> LabelTransferResult:
-        """``batches``: the study of each cell, so each study gets its own query-shift guard."""
-        return self.transfer.predict(latent, query_batches=batches)
+    def predict(self, latent: np.ndarray, batches: np.ndarray | None = None,
+                probabilities: np.ndarray | None = None) -> LabelTransferResult:
+        """``batches``: the study of each cell, so each study gets its own query-shift guard;
+        ``probabilities``: the label-aware reference's classifier output, which makes the call."""
+        return self.transfer.predict(latent, query_batches=batches, classifier_probabilities=probabilities)
 
 
 def _prepare(adata: ad.AnnData, kind: ModelKind, genes: list[str] | None, condition_key: str,
@@ -313,11 +315,28 @@ class FedArchesModel:
                 out[rows[0]: rows[-1] + 1] = z.numpy()
         return out
 
+    def _classifier_probabilities(self, latent: np.ndarray) -> np.ndarray | None:
+        """p(label | z) from the label-aware reference's classifier, if it has one and its
+        labels are the label index's (a model whose index was rebuilt elsewhere may not)."""
+        c = self.config
+        if not (c.n_labels and c.classifier_weight > 0) or self.reference is None:
+            return None
+        if c.n_labels != len(self.reference.categories):
+            return None
+        out = np.empty((latent.shape[0], c.n_labels), dtype=np.float32)
+        for start in range(0, latent.shape[0], 65536):
+            z = torch.from_numpy(np.ascontiguousarray(latent[start:start + 65536], dtype=np.float32))
+            out[start:start + 65536] = self.module.label_probabilities(z).numpy()
+        return out
+
     def _annotate(self, adata: ad.AnnData, data: PreparedData, cond_idx: np.ndarray) -> ad.AnnData:
         out = adata.copy()
         out.obsm[LATENT_KEY] = self._latent(data.x, cond_idx)
         if self.reference is not None and self.label_key:
-            res = self.reference.predict(out.obsm[LATENT_KEY], data.conditions)
+            # One query-shift guard for everything annotated together (the cells of one
+            # site share a state; per-study guards lost A549 on CellBench, where one
+            # plate is 40% A549: docs/LABELS.md).
+            res = self.reference.predict(out.obsm[LATENT_KEY], None, self._classifier_probabilities(out.obsm[LATENT_KEY]))
             lk = self.label_key
             out.obs[f"{lk}_pred"] = pd.Categorical(res.prediction)
             out.obs[f"{lk}_uncertainty"] = res.uncertainty.astype(np.float32)

@@ -65,7 +65,7 @@ class LabelTransferResult:
     """
 
     prediction: np.ndarray  # object array of str; UNKNOWN where is_unknown
-    knn_prediction: np.ndarray  # object array of str; argmax label, always a reference label
+    knn_prediction: np.ndarray  # object array of str; argmax label (the classifier's when given), always a reference label
     knn_code: np.ndarray  # int64 codes into label_categories of knn_prediction
     uncertainty: np.ndarray  # float32, 1 - max_y p(y)  (paper eq. 22)
     novelty_score: np.ndarray  # float32; > 1 means novel: max(distance_score, gaussian_score) / query_shift,
@@ -224,7 +224,8 @@ class KNNLabelTransfer:
     # ------------------------------------------------------------------ prediction
 
     def predict(self, query_latent: np.ndarray, *, return_probabilities: bool = False,
-                query_batches: np.ndarray | None = None, adapt_to_query: bool = True) -> LabelTransferResult:
+                query_batches: np.ndarray | None = None, adapt_to_query: bool = True,
+                classifier_probabilities: np.ndarray | None = None) -> LabelTransferResult:
         """Label query cells; see :class:`LabelTransferResult` for the fields.
 
         Processed in chunks of 65,536 cells, so memory stays bounded for any query
@@ -244,6 +245,11 @@ class KNNLabelTransfer:
         the median guarded score of its 15 nearest query cells of the same study
         (a new type is a population). Call it with a study's cells together, not
         cell by cell (:mod:`fedarches.labels.query_shift`).
+
+        ``classifier_probabilities`` (``n x n_labels``, columns in ``label_categories``
+        order): a label-aware reference's own classifier output. It then makes the
+        call and its ``1 - max p`` is the uncertainty; the neighbours still decide
+        which label's distance threshold applies, and the novelty tests are unchanged.
         """
         if self.index is None:
             raise LabelStateError("label transfer state check failed: KNNLabelTransfer is not fitted: "
@@ -270,15 +276,23 @@ class KNNLabelTransfer:
             stat[sel] = d[:, :self.k_novelty].mean(axis=1)
             if probs is not None:
                 probs[sel] = p
-        return self._result(q, code, unc, stat, probs, query_batches, adapt_to_query)
+        thr_code = code
+        if classifier_probabilities is not None:
+            lp = np.asarray(classifier_probabilities, dtype=np.float64)
+            if lp.shape != (n, n_labels) or not np.isfinite(lp).all():
+                raise LatentError(f"latent check failed: label probabilities of shape {lp.shape} (finite: "
+                                  f"{bool(np.isfinite(lp).all())}) for {n} cells and {n_labels} labels")
+            code = lp.argmax(axis=1).astype(np.int64)
+            unc = (1.0 - lp[np.arange(n), code]).astype(np.float32)
+        return self._result(q, code, unc, stat, probs, query_batches, adapt_to_query, thr_code)
 
     def _result(self, q: np.ndarray, code: np.ndarray, unc: np.ndarray, stat: np.ndarray,
                 probs: np.ndarray | None, batches: np.ndarray | None = None,
-                adapt: bool = True) -> LabelTransferResult:
+                adapt: bool = True, thr_code: np.ndarray | None = None) -> LabelTransferResult:
         n = q.shape[0]
         # 1 - max p can round to -2e-16 when every neighbour agrees: report a clean 0
         unc = np.clip(unc, 0.0, 1.0)
-        thr = self.thresholds.label_thresholds[code] if n else np.zeros(0)
+        thr = self.thresholds.label_thresholds[code if thr_code is None else thr_code] if n else np.zeros(0)
         distance_score = stat / np.maximum(thr, np.finfo(np.float64).tiny)
         gaussian_score = self.gaussian.score(q)
         raw = np.maximum(distance_score, gaussian_score)
