@@ -37,6 +37,7 @@ from fedarches.neighbours import encode_labels
 from fedarches.models.cvae import CVAE
 from fedarches.report import LabelTransferSummary, MapReport
 from fedarches.format.model_dir import CONDITIONS, ModelManifest, REFERENCE, WEIGHTS, load_model_dir, save_model_dir
+from fedarches.threads import check_threads, thread_limits
 from fedarches.training import MatrixSource, ProjectedSource, TrainHistory, copy_module
 from fedarches.training import train as train_loop
 
@@ -165,11 +166,13 @@ class FedArchesModel:
 
         Genes: ``n_genes`` highly variable genes chosen on this reference, per study
         (0 keeps all); the list is stored in the model. ``config`` overrides paper
-        defaults (e.g. ``{"hidden": (128, 128)}``).
+        defaults (e.g. ``{"hidden": (128, 128)}``). ``train.threads``: every thread
+        pool's count (None: the measured defaults; ``fedarches.threads``).
         """
         if kind not in MODEL_KINDS:
             raise SettingError(f"setting check failed: unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
         train = train or TrainConfig()
+        check_threads(train.threads)
         check_shape(adata)
         check_gene_names(adata.var_names)
         conditions = condition_labels(adata, condition_key)
@@ -194,9 +197,10 @@ class FedArchesModel:
         model = cls(module, genes=genes, condition_key=condition_key, train_config=train, label_key=label_key)
         model.last_history = history
         if labels is not None:
-            latent = model._latent(data.x, cond_idx)
-            transfer = KNNLabelTransfer().fit(latent, labels, ref_batches=data.conditions, fpr=novelty_fpr,
-                                              label_categories=categories)
+            with thread_limits(train.threads, "inference"):
+                latent = model._latent(data.x, cond_idx)
+                transfer = KNNLabelTransfer().fit(latent, labels, ref_batches=data.conditions, fpr=novelty_fpr,
+                                                  label_categories=categories)
             codes = pd.Categorical(labels, categories=transfer.label_categories).codes.astype(np.int64)
             model.reference = ReferenceIndex(latent=latent, labels=codes,
                                              categories=list(transfer.label_categories), transfer=transfer)
@@ -260,7 +264,8 @@ class FedArchesModel:
         model = FedArchesModel(module, genes=self.genes, condition_key=self.condition_key,
                                train_config=self.train_config, label_key=self.label_key, reference=self.reference)
         model.last_history = history
-        out = model._annotate(adata, data, cond_idx)
+        with thread_limits(cfg.threads, "inference"):
+            out = model._annotate(adata, data, cond_idx)
         label_transfer = None
         if self.label_key and self.label_key in adata.obs and self.reference is not None:
             label_transfer = _accuracy_summary(out, self.label_key, self.reference.categories)
@@ -287,8 +292,10 @@ class FedArchesModel:
         )
         return MapResult(model=model, adata=out, report=report)
 
-    def embed(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None) -> ad.AnnData:
-        """Latent (and label predictions) for cells of conditions the model holds; no training."""
+    def embed(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None,
+              threads: int | None = None) -> ad.AnnData:
+        """Latent (and label predictions) for cells of conditions the model holds; no training.
+        ``threads``: every thread pool's count (None: the measured default; ``fedarches.threads``)."""
         key = condition_key or self.condition_key
         data, _ = _prepare(adata, self.config.kind, self.genes, key, layer)
         index = {n: i for i, n in enumerate(self.conditions)}
@@ -300,10 +307,12 @@ class FedArchesModel:
                 "(`fedarches map` on a single machine, `fedarches site map` at a site)"
             )
         cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
-        return self._annotate(adata, data, cond_idx)
+        with thread_limits(threads, "inference"):
+            return self._annotate(adata, data, cond_idx)
 
-    def get_latent(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None) -> np.ndarray:
-        return np.asarray(self.embed(adata, condition_key, layer=layer).obsm[LATENT_KEY])
+    def get_latent(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None,
+                   threads: int | None = None) -> np.ndarray:
+        return np.asarray(self.embed(adata, condition_key, layer=layer, threads=threads).obsm[LATENT_KEY])
 
     def _latent(self, x: sp.csr_matrix, cond_idx: np.ndarray) -> np.ndarray:
         self.module.eval()

@@ -33,6 +33,7 @@ from fedarches.data.batches import (
     minibatch_indices,
 )
 from fedarches.models.cvae import CVAE, MSETerms
+from fedarches.threads import thread_limits
 
 
 def default_epochs(n_cells: int) -> int:
@@ -188,11 +189,15 @@ def train(
     In query mode batch-norm statistics stay frozen: the reference's normalisation
     must not drift, or frozen tensors would change (invariant 2).
     """
+    with thread_limits(cfg.threads, "training"):
+        return _train(module, source, params, cfg, query=query, progress=progress, description=description)
+
+
+def _train(module: CVAE, source: BatchSource, params: list[nn.Parameter], cfg: TrainConfig, *,
+           query: bool, progress: bool, description: str) -> TrainHistory:
     c = module.config
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     n = source.n_cells
     epochs = cfg.epochs if cfg.epochs is not None else default_epochs(n)
     order = rng.permutation(n)

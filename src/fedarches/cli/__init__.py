@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedarches.threads import prefer_passive_wait
+
+    prefer_passive_wait()  # before any command imports torch (docs/THREADS.md)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
     q.add_argument("--layer", default=None, help="read counts from this layer instead of .X")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    q.add_argument("--threads", type=int, default=None,
+                   help="threads for every pool: torch, BLAS, OpenMP, faiss, numba (default: measured, docs/THREADS.md)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_build)
 

@@ -7,11 +7,12 @@ import argparse
 from fedarches.config import MODEL_KINDS, STRATEGIES, MapSettings, TrainConfig
 from fedarches.data.io import read_h5ad
 from fedarches.mapping import check_out_dir
+from fedarches.threads import check_threads
 
 
 def map_settings(args: argparse.Namespace) -> MapSettings:
     """The one place command-line options become ``MapSettings`` (``map`` and ``site map``)."""
-    return MapSettings(epochs=args.epochs, strategy=args.strategy, seed=args.seed, threads=args.threads,
+    return MapSettings(epochs=args.epochs, strategy=args.strategy, seed=args.seed, threads=check_threads(args.threads),
                        progress=not args.quiet)
 
 
@@ -41,7 +42,8 @@ def draw_plot(path: str | None, adata, model, condition_key: str, title: str) ->
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every pool: torch, BLAS, OpenMP, faiss, numba (default: measured, docs/THREADS.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -75,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--condition-key", required=True)
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--layer", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every pool: torch, BLAS, OpenMP, faiss, numba (default: measured, docs/THREADS.md)")
     plot_option(p)
     p.set_defaults(func=cmd_embed)
 
@@ -130,7 +134,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from fedarches.model import FedArchesModel
 
     model = FedArchesModel.load(args.model)
-    out = model.embed(read_h5ad(args.data), args.condition_key, layer=args.layer)
+    out = model.embed(read_h5ad(args.data), args.condition_key, layer=args.layer, threads=args.threads)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_h5ad(out, path)

@@ -30,6 +30,7 @@ from typing import Any
 
 from fedarches.data.conditions import ordered_conditions
 from fedarches.errors import InputDataError
+from fedarches.threads import limit_process_threads
 
 MARKER = ".fedarches-demo"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -258,8 +259,6 @@ def _draw(args: argparse.Namespace, atlas: Any, sites: list[Any], lkey: str, out
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
     from fedarches.cli.atlas import console as rich_console
     from fedarches.server import Atlas
 
@@ -267,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise InputDataError("--sites and --rounds must be at least 1")
     if (args.condition_key or args.label_key) and not args.data:
         raise InputDataError("--condition-key/--label-key go with --data")
-    torch.set_num_threads(1)
+    limit_process_threads(1)  # the sites train in parallel: one thread each
     console = rich_console()
     t_start = time.perf_counter()
     out = _prepare_out(Path(args.out).resolve())

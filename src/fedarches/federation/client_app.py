@@ -29,6 +29,7 @@ from fedarches.federation.protocol import (
     reply_metrics,
     site_config_from_context,
 )
+from fedarches.threads import limit_process_threads
 
 app = ClientApp()
 
@@ -88,9 +89,7 @@ def handle_request(site: SiteConfig, request: MapRequest) -> MapReply:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    import torch
-
-    torch.set_num_threads(1)
+    limit_process_threads(1)  # sites run in parallel processes: one thread each
     name = str(context.node_config.get("site", "")) or f"node {context.node_id}"
     try:
         site = site_config_from_context(dict(context.node_config), dict(context.run_config))

@@ -15,15 +15,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedarches.errors import FedarchesError
 from fedarches.federation.coordinator import run_coordinator
+from fedarches.threads import limit_process_threads
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    import torch
-
-    torch.set_num_threads(1)
+    limit_process_threads(1)
     try:
         run_coordinator(grid, dict(context.run_config), int(context.run_id))
     except FedarchesError as exc:

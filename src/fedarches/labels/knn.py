@@ -21,6 +21,7 @@ from scipy.spatial import cKDTree
 from fedarches.errors import SettingError
 from fedarches.labels.weights import label_probabilities
 from fedarches.neighbours import drop_self, kd_tree
+from fedarches.threads import policy_workers
 
 __all__ = ["APPROX_MIN_REFERENCE", "EXACT_METHOD", "METHODS", "IVFIndex", "NeighbourIndex", "spatial_order"]
 
@@ -83,6 +84,8 @@ class IVFIndex:
     ``nprobe`` is tuned on a seeded sample of reference cells (:meth:`_tune`). Never
     saved: rebuilt from the reference latent.
     """
+
+    workers = policy_workers()  # inside fedarches.threads.thread_limits: that block's count
 
     def __init__(self, latent: np.ndarray, tree: cKDTree, codes: np.ndarray, n_labels: int, k: int,
                  k_novelty: int, workers: int, seed: int) -> None:
@@ -183,6 +186,8 @@ class NeighbourIndex:
     and faiss is installed), "exact" or "ivf". ``description`` names the search used.
     ``eps > 0`` is cKDTree's ``(1 + eps)``-approximate search (exact method only).
     """
+
+    workers = policy_workers()  # inside fedarches.threads.thread_limits: that block's count
 
     def __init__(self, latent: np.ndarray, codes: np.ndarray, n_labels: int, k: int, k_novelty: int, *,
                  workers: int, eps: float, method: str, seed: int) -> None:
