@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from fedarches.data import splits as _splits
 from fedarches.data.genes import select_genes
 from fedarches.data.splits import BENCHMARK_SPLITS, Split
 
@@ -53,24 +54,78 @@ def _clean(a: ad.AnnData, genes: list[str]) -> ad.AnnData:
     return out
 
 
-def prepare_split(split: Split, out_dir: Path, n_genes: int = 2000) -> dict:
+def _write_pair(ref: ad.AnnData, query: ad.AnnData, out_dir: Path, n_genes: int) -> dict:
+    """Genes chosen on the reference only; both files restricted to them."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    full = ad.read_h5ad(DATA / split.file)
-    ref, query = split.apply(full)
+    n_available = int(ref.n_vars)
     genes = select_genes(sp.csr_matrix(ref.X), list(ref.var_names), ref.obs["study"].astype(str).to_numpy(), n_genes)
     ref, query = _clean(ref, genes), _clean(query, genes)
     ref.write_h5ad(out_dir / "ref.h5ad")
     query.write_h5ad(out_dir / "query.h5ad")
+    held = sorted(set(query.obs["cell_type"].astype(str)) - set(ref.obs["cell_type"].astype(str)))
+    return {
+        "n_reference_cells": int(ref.n_obs),
+        "n_query_cells": int(query.n_obs),
+        "n_genes": len(genes),
+        "n_genes_available": n_available,
+        "query_types_not_in_reference": held,
+        "ref": str(out_dir / "ref.h5ad"),
+        "query": str(out_dir / "query.h5ad"),
+    }
+
+
+def prepare_split(split: Split, out_dir: Path, n_genes: int = 2000) -> dict:
+    ref, query = split.apply(ad.read_h5ad(DATA / split.file))
     return {
         "name": split.name,
         "description": split.description,
         "reference_studies": list(split.reference_studies),
         "query_studies": list(split.query_studies),
         "held_out_types": list(split.held_out_types),
-        "n_reference_cells": int(ref.n_obs),
-        "n_query_cells": int(query.n_obs),
-        "n_genes": len(genes),
-        "n_genes_available": int(full.n_vars),
-        "ref": str(out_dir / "ref.h5ad"),
-        "query": str(out_dir / "query.h5ad"),
+        **_write_pair(ref, query, out_dir, n_genes),
+    }
+
+
+# ----------------------------------------------------------------------------- quality splits
+
+# Used only while fedarches.data.splits has no PBMC_CD16_HOLDOUT: the sibling-type
+# hold-out of issue 14 (CD16 monocytes absent from the reference).
+_PBMC_CD16_FALLBACK = Split(
+    name="pbmc-cd16",
+    file=_splits.PBMC_CHEMISTRY.file,
+    reference_studies=_splits.PBMC_CHEMISTRY.reference_studies,
+    query_studies=_splits.PBMC_CHEMISTRY.query_studies,
+    held_out_types=("Mono_CD16",),
+    description="Symphony PBMC, by 10x chemistry: reference 3' v1 + 3' v2 without CD16 monocytes; "
+    "query 5' (all types); CD16 monocytes (a sibling of CD14 monocytes) never seen by the reference",
+)
+
+
+def quality_splits() -> dict:
+    """fedarches.data.splits.QUALITY_SPLITS by name (real `Split`s and simulated
+    splits with `.make(seed)`); before it exists, the benchmark splits plus pbmc-cd16."""
+    qs = getattr(_splits, "QUALITY_SPLITS", None)
+    if qs is None:
+        cd16 = getattr(_splits, "PBMC_CD16_HOLDOUT", _PBMC_CD16_FALLBACK)
+        qs = {**BENCHMARK_SPLITS, cd16.name: cd16}
+    return dict(qs) if isinstance(qs, dict) else {s.name: s for s in qs}
+
+
+def is_simulated(split) -> bool:
+    """Simulated splits draw new cells per seed; real splits are the same cells every seed."""
+    return callable(getattr(split, "make", None))
+
+
+def prepare_quality(split, seed: int, out_dir: Path, n_genes: int = 2000) -> dict:
+    """One (split, seed)'s files: simulated splits with data seed = run seed."""
+    if not is_simulated(split):
+        return {**prepare_split(split, out_dir, n_genes), "simulated": False}
+    ref, query = split.make(seed)
+    return {
+        "name": split.name,
+        "description": getattr(split, "description", ""),
+        "held_out_types": list(getattr(split, "held_out_types", ()) or ()),
+        "simulated": True,
+        "data_seed": int(seed),
+        **_write_pair(ref, query, out_dir, n_genes),
     }
