@@ -146,3 +146,108 @@ def test_many_cell_types_get_unique_names():
     names = cell_type_names(30)
     assert names[:2] == ["type_A", "type_B"] and names[26:28] == ["type_AA", "type_AB"]
     assert len(set(names)) == 30
+
+
+# ---------------------------------------------------------------- state and siblings
+
+_STATE_KW = {"n_cells": 6000, "n_genes": 400, "n_cell_types": 3, "n_studies": 2, "seed": 7, "n_jobs": 1,
+             "study_gene_sd": 0.0, "study_library_sd": 0.0}
+
+
+def _type_log_means(adata, study: str) -> np.ndarray:
+    """[types, genes] log mean of library-normalised expression of each type in one study."""
+    ct, st = adata.obs["cell_type"].to_numpy(), adata.obs["study"].to_numpy()
+    return np.array([_log_means(adata.X[np.flatnonzero((ct == t) & (st == study))])
+                     for t in adata.obs["cell_type"].cat.categories])
+
+
+def test_state_shifts_every_type_and_each_type_its_own_way():
+    stim = simulate(**_STATE_KW, state_strength={"study_1": 1.0})
+    ctrl = simulate(**_STATE_KW, state_strength={"study_1": 0.0})
+    expressed = np.asarray(stim.X.mean(axis=0)).ravel() > 0.2
+    shift = (_type_log_means(stim, "study_1") - _type_log_means(stim, "study_0"))[:, expressed]
+    noise = (_type_log_means(ctrl, "study_1") - _type_log_means(ctrl, "study_0"))[:, expressed]
+    size, noise_size = np.linalg.norm(shift, axis=1), np.linalg.norm(noise, axis=1)
+    assert (size > 3 * noise_size).all(), (size, noise_size)
+    # what one offset per study (the same for every type) cannot remove
+    residual = np.linalg.norm(shift - shift.mean(axis=0), axis=1)
+    noise_residual = np.linalg.norm(noise - noise.mean(axis=0), axis=1)
+    assert (residual > 2 * noise_residual).all(), (residual, noise_residual)
+    assert (stim.obs["state"] == np.where(stim.obs["study"] == "study_1", "stimulated", "control")).all()
+    assert stim.uns["simulate"]["state_strength"] == {"study_0": 0.0, "study_1": 1.0}
+
+
+def test_state_at_strength_one_is_about_a_marker_difference_and_not_one_offset():
+    adata = simulate(n_cells=200, n_genes=2000, n_cell_types=6, n_studies=2, seed=1, n_jobs=1,
+                     state_strength={"study_1": 1.0})
+    prog, resp = adata.varm["type_log_program"], adata.varm["state_log_response"]
+    assert resp.shape == (2000, 6)
+    # marker part of a type difference: the programs minus their type-level noise
+    n_markers, (lo, hi) = adata.uns["simulate"]["n_markers"], adata.uns["simulate"]["marker_log_fold_range"]
+    marker_gap = np.sqrt(2 * n_markers * ((hi - lo) ** 2 / 12 + ((lo + hi) / 2) ** 2))
+    shift = np.linalg.norm(resp, axis=0)
+    assert (0.6 * marker_gap < shift).all() and (shift < 2.0 * marker_gap).all(), (shift, marker_gap)
+    type_gap = np.linalg.norm(prog[:, 0] - prog[:, 1])
+    assert shift.max() < type_gap
+    common = resp.mean(axis=1, keepdims=True)
+    assert (np.linalg.norm(resp - common, axis=0) > 0.3 * shift).all()
+
+
+def test_state_at_strength_zero_is_no_state():
+    plain = simulate(**_STATE_KW)
+    zero = simulate(**_STATE_KW, state_strength={"study_0": 0.0, "study_1": 0.0})
+    assert not _same(plain, zero)  # obs gained the state columns ...
+    cols = ["study", "cell_type", "library_factor"]
+    assert plain.obs.equals(zero.obs[cols])  # ... and nothing else changed
+    for attr in ("indptr", "indices", "data"):
+        assert np.array_equal(getattr(plain.X, attr), getattr(zero.X, attr))
+    assert (zero.obs["state"] == "control").all() and (zero.obs["state_strength"] == 0).all()
+    assert list(plain.obs.columns) == cols and "state_log_response" not in plain.varm
+    assert "state_strength" not in plain.uns["simulate"] and "siblings" not in plain.uns["simulate"]
+
+
+def test_a_close_sibling_is_nearer_its_parent_than_a_distant_one():
+    sibs = {"close": ("type_A", 0.2), "far": ("type_A", 1.0)}
+    adata = simulate(n_cells=5000, n_genes=500, n_cell_types=3, n_studies=2, seed=2, n_jobs=1, siblings=sibs,
+                     held_out={"study_0": ["close", "far"]})
+    plain = simulate(n_cells=5000, n_genes=500, n_cell_types=3, n_studies=2, seed=2, n_jobs=1)
+    assert list(adata.obs["cell_type"].cat.categories) == ["type_A", "type_B", "type_C", "close", "far"]
+    # siblings add types without changing the others' programs or the study effects
+    assert np.array_equal(adata.varm["type_log_program"][:, :3], plain.varm["type_log_program"])
+    assert np.array_equal(adata.varm["study_log_effect"], plain.varm["study_log_effect"])
+    counts = adata.obs.groupby(["study", "cell_type"], observed=False).size()
+    assert counts[("study_0", "close")] == 0 and counts[("study_0", "far")] == 0
+    assert counts[("study_1", "close")] > 100 and counts[("study_1", "far")] > 100
+    expressed = np.asarray(adata.X.mean(axis=0)).ravel() > 0.2
+    means = dict(zip(adata.obs["cell_type"].cat.categories, _type_log_means(adata, "study_1")[:, expressed]))
+
+    def gap(a, b):
+        return float(np.linalg.norm(means[a] - means[b]))
+
+    assert gap("close", "type_A") < 0.7 * gap("far", "type_A")
+    assert gap("close", "type_A") < 0.7 * gap("type_B", "type_A")
+    assert gap("far", "type_A") == pytest.approx(gap("type_B", "type_A"), rel=0.3)
+    assert adata.uns["simulate"]["siblings"] == {"close": ["type_A", 0.2], "far": ["type_A", 1.0]}
+
+
+def test_siblings_respond_to_the_state_like_their_parent_where_they_share_its_program():
+    adata = simulate(n_cells=100, n_genes=1000, n_cell_types=3, n_studies=2, seed=4, n_jobs=1,
+                     siblings={"close": ("type_A", 0.2)}, state_strength={"study_1": 1.0})
+    resp = adata.varm["state_log_response"]
+    assert np.linalg.norm(resp[:, 3] - resp[:, 0]) < 0.7 * np.linalg.norm(resp[:, 1] - resp[:, 0])
+
+
+def test_bad_state_and_sibling_settings_are_refused_with_a_reason():
+    kw = {"n_cells": 100, "n_genes": 50, "n_cell_types": 2, "n_studies": 2}
+    with pytest.raises(InputDataError, match="state_strength names study 'study_5'"):
+        simulate(**kw, state_strength={"study_5": 1.0})
+    with pytest.raises(InputDataError, match="state_strength"):
+        simulate(**kw, state_strength={"study_1": -1.0})
+    with pytest.raises(InputDataError, match="n_state_genes"):
+        simulate(**kw, state_strength={"study_1": 1.0}, n_state_genes=51)
+    with pytest.raises(InputDataError, match="parent 'type_Q'"):
+        simulate(**kw, siblings={"new": ("type_Q", 0.5)})
+    with pytest.raises(InputDataError, match=r"distance must be in \(0, 1\]"):
+        simulate(**kw, siblings={"new": ("type_A", 0.0)})
+    with pytest.raises(InputDataError, match="sibling name 'type_B'"):
+        simulate(**kw, siblings={"type_B": ("type_A", 0.5)})

@@ -17,6 +17,21 @@ explicit, so tests can state what they expect:
 * counts ``~ NB(mu_cg, theta_g)`` (gamma-Poisson; inverse dispersion per gene
   ``theta_g = theta * exp(N(0, 0.5^2))``).
 
+Two optional parts make a query differ from a reference biologically, not only
+technically (the scArches paper's disease-to-healthy use, issue 14):
+
+* a biological *state* (stimulation, disease) in chosen studies, with a strength
+  per study: ``log m_tg += strength * r_tg``. The response ``r_t`` is a shared
+  program (``n_state_genes`` genes, mostly up, log folds from
+  ``marker_log_fold_range``) scaled per type and gene by
+  ``exp(N(0, state_type_sd^2))``, plus a few response genes of each type's own.
+  Because the response differs by type, no per-study offset (what architecture
+  surgery fits for a new study) removes it exactly: a known type in the new state
+  stays shifted, as in real stimulated or diseased samples.
+* *siblings*: extra types made from a parent type, sharing all but a fraction
+  ``distance`` of its program, so held-out types can sit at a chosen distance
+  from a known one (a close subtype, or with distance 1 an unrelated type).
+
 Sampling is exact and sparse-aware: for each entry ``P(0) = (1 + mu/theta)^-theta``
 is compared with one uniform draw ``u = exp(-E)``, ``E ~ Exp(1)``, written as
 ``mu > theta * expm1(E / theta)`` (one transcendental per entry), and only the
@@ -60,6 +75,7 @@ __all__ = ["cell_type_names", "simulate", "study_names"]
 BLOCK_CELLS = 4096  # cells per random stream; fixed so results never depend on n_jobs
 _MU_REJECTION = 5.0  # above this mean, zero-truncated draws use gamma-Poisson rejection (measured faster)
 _MAX_INVERSE_STEPS = 2000
+_DESIGN_STREAM = 2**32 - 1  # spawn-key prefix of the optional design streams (blocks use (block,))
 
 
 
@@ -115,6 +131,137 @@ def _allowed_types(held_out: Mapping[str, Sequence[str]] | None, studies: list[s
     return allowed
 
 
+def _marker_genes(perm: np.ndarray, t: int, n_markers: int) -> np.ndarray:
+    """The marker genes of type ``t``: its own stretch of ``perm``, distinct between types while genes last."""
+    start = (t * n_markers) % perm.size
+    return np.take(perm, np.arange(start, start + n_markers), mode="wrap")
+
+
+def _design_rng(seed: int, *key: int) -> np.random.Generator:
+    """A random stream for an optional part of the design, apart from the main one and the blocks'."""
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(_DESIGN_STREAM, *key)))
+
+
+def _sibling_specs(siblings: Mapping[str, tuple[str, float]] | None,
+                   base_types: list[str]) -> list[tuple[str, int, float]]:
+    """``siblings`` checked -> [(name, parent index, distance)], in the mapping's order."""
+    if not siblings:
+        return []
+    if not isinstance(siblings, Mapping):
+        raise SettingError("setting check failed: siblings must map a new type name to (parent type, distance), "
+                           f"e.g. {{'sibling-of-type_A': ('type_A', 0.3)}}; got {type(siblings).__name__}")
+    specs = []
+    for name, spec in siblings.items():
+        if not isinstance(name, str) or not name or name in base_types:
+            raise SettingError(f"setting check failed: sibling name {name!r} must be a new, non-empty type name "
+                               f"(not one of {base_types[0]}..{base_types[-1]})")
+        try:
+            parent, distance = spec
+            distance = float(distance)
+        except (TypeError, ValueError):
+            raise SettingError(f"setting check failed: siblings[{name!r}] must be (parent type, distance), "
+                               f"got {spec!r}") from None
+        if parent not in base_types:
+            raise SettingError(f"setting check failed: siblings[{name!r}] names parent {parent!r}, but the parent "
+                               f"must be one of the simulated types {base_types[0]}..{base_types[-1]}")
+        if not (np.isfinite(distance) and 0.0 < distance <= 1.0):
+            raise SettingError(f"setting check failed: siblings[{name!r}] distance must be in (0, 1], got {distance!r}")
+        specs.append((name, base_types.index(parent), distance))
+    return specs
+
+
+def _state_strengths(state_strength: Mapping[str, float] | None, studies: list[str]) -> np.ndarray | None:
+    """``state_strength`` checked -> strength per study (0 = control), or None when no state is asked for."""
+    if state_strength is None:
+        return None
+    if not isinstance(state_strength, Mapping):
+        raise SettingError("setting check failed: state_strength must map a study name to a strength >= 0, "
+                           f"e.g. {{'study_2': 1.0}}; got {type(state_strength).__name__}")
+    out = np.zeros(len(studies))
+    for study, value in state_strength.items():
+        if study not in studies:
+            raise SettingError(f"setting check failed: state_strength names study {study!r}, but the simulated "
+                               f"studies are {studies[0]}..{studies[-1]}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not (np.isfinite(value) and value >= 0):
+            raise SettingError(f"setting check failed: state_strength[{study!r}] must be a finite number >= 0, "
+                               f"got {value!r}")
+        out[studies.index(study)] = float(value)
+    return out
+
+
+def _state_gene_count(n_state_genes: int | None, n_markers: int, n_genes: int) -> int:
+    if n_state_genes is None:
+        return min(n_genes, max(2, (3 * n_markers) // 2))
+    n_state_genes = _check_positive_int("n_state_genes", n_state_genes)
+    if n_state_genes > n_genes:
+        raise SettingError(f"setting check failed: n_state_genes ({n_state_genes}) cannot exceed n_genes ({n_genes})")
+    return n_state_genes
+
+
+def _replace_mask(rng: np.random.Generator, distance: float, groups: list[np.ndarray], n_genes: int) -> np.ndarray:
+    """Genes a sibling takes from its own program: exactly ``round(distance * size)`` of each group."""
+    mask = np.zeros(n_genes, dtype=bool)
+    for g in groups:
+        mask[rng.permutation(g)[: int(round(distance * g.size))]] = True
+    return mask
+
+
+def _sibling_programs(seed: int, sibs: list[tuple[str, int, float]], base: np.ndarray, noise: np.ndarray,
+                      markers: np.ndarray, perm: np.ndarray, n_markers: int, fold_range: tuple[float, float],
+                      type_log_sd: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Log programs [n_siblings, genes] and each sibling's mask of genes taken from its own program.
+
+    A sibling is drawn as a fresh type would be (own type-level noise, own markers
+    on the next stretch of ``perm``), then keeps its parent's values except on a
+    fraction ``distance`` of the parent's markers, of its own markers and of the
+    other genes: it loses as many parent markers as it gains own ones.
+    """
+    n_types, n_genes = noise.shape
+    rows, masks = [], []
+    for i, (_, parent, distance) in enumerate(sibs):
+        rng = _design_rng(seed, 1, i)
+        own_markers = np.zeros(n_genes)
+        genes = _marker_genes(perm, n_types + i, n_markers)
+        own_markers[genes] = rng.uniform(*fold_range, n_markers)
+        own = rng.normal(0.0, type_log_sd, n_genes) + own_markers
+        parent_genes = np.flatnonzero(markers[parent])
+        new_genes = np.setdiff1d(genes, parent_genes)
+        rest = np.setdiff1d(np.arange(n_genes), np.concatenate([parent_genes, new_genes]))
+        mask = _replace_mask(rng, distance, [parent_genes, new_genes, rest], n_genes)
+        rows.append(base + np.where(mask, own, noise[parent] + markers[parent]))
+        masks.append(mask)
+    return np.array(rows).reshape(len(sibs), n_genes), masks
+
+
+def _state_response(seed: int, n_base: int, sibs: list[tuple[str, int, float]], sib_masks: list[np.ndarray],
+                    n_genes: int, n_state_genes: int, fold_range: tuple[float, float],
+                    state_type_sd: float) -> np.ndarray:
+    """Log-fold response of each type [types, genes] to the state at strength 1.
+
+    Shared program: ``n_state_genes`` genes, 70% up and 30% down, log folds from
+    ``fold_range``. Each type scales it per gene by ``exp(N(0, state_type_sd^2))``
+    and adds ``max(1, n_state_genes // 6)`` response genes of its own. A sibling
+    inherits its parent's response except on the genes it took from its own program.
+    """
+    rng = _design_rng(seed, 0)
+    shared = np.zeros(n_genes)
+    genes = rng.choice(n_genes, n_state_genes, replace=False)
+    sign = np.where(rng.random(n_state_genes) < 0.7, 1.0, -1.0)
+    shared[genes] = sign * rng.uniform(*fold_range, n_state_genes)
+    n_specific = min(n_genes, max(1, n_state_genes // 6))
+
+    def one_type(r: np.random.Generator) -> np.ndarray:
+        own = shared * np.exp(r.normal(0.0, state_type_sd, n_genes))
+        own[r.choice(n_genes, n_specific, replace=False)] += r.uniform(*fold_range, n_specific)
+        return own
+
+    response = [one_type(rng) for _ in range(n_base)]
+    for i, ((_, parent, _), mask) in enumerate(zip(sibs, sib_masks)):
+        response.append(np.where(mask, one_type(_design_rng(seed, 2, i)), response[parent]))
+    return np.array(response)
+
+
 def simulate(
     n_cells: int = 5000,
     n_genes: int = 2000,
@@ -133,6 +280,10 @@ def simulate(
     library_sd: float = 0.4,
     theta: float = 2.0,
     type_balance: float = 5.0,
+    state_strength: Mapping[str, float] | None = None,
+    n_state_genes: int | None = None,
+    state_type_sd: float = 0.5,
+    siblings: Mapping[str, tuple[str, float]] | None = None,
     n_jobs: int = -1,
 ) -> ad.AnnData:
     """Simulate a multi-study UMI count matrix.
@@ -151,6 +302,28 @@ def simulate(
     proportions are drawn from a symmetric Dirichlet(``type_balance``) over the
     types the study contains. ``n_markers`` defaults to ``max(2, n_genes // 50)``.
     ``n_jobs`` (-1 = all cores) only changes speed.
+
+    ``state_strength`` maps a study name to the strength (>= 0) of the biological
+    state its cells are in; studies left out are controls. The state's log folds
+    come from ``marker_log_fold_range`` on ``n_state_genes`` genes (default
+    ``1.5 * n_markers``), so at strength 1 a type moves by about as much, in
+    log-expression, as two types differ by their markers: a shift of the size of a
+    cell-type difference, where a threshold calibrated on reference cells no longer
+    tells "known type, new state" from "new type". Strength 2 is larger than a type
+    difference; 0 gives exactly the counts of no state. When given, the output
+    also holds ``obs["state"]`` (``control``/``stimulated``),
+    ``obs["state_strength"]`` and ``varm["state_log_response"]`` [genes x types],
+    the response at strength 1.
+
+    ``siblings`` maps a new type name to ``(parent type, distance)``, distance in
+    (0, 1]: the sibling takes its own values on exactly that fraction of its
+    parent's markers, of its own markers and of the other genes, and keeps the
+    parent's elsewhere, so its squared distance to the parent grows about linearly
+    with ``distance`` (0.2: a subtype sharing most of the program; 1: nothing of
+    the parent left). It responds to the state like its parent on the genes it
+    shares. Siblings follow the ``n_cell_types`` types in ``obs["cell_type"]``'s
+    categories and may be named in ``held_out``. Neither option changes the
+    programs, study effects or response of the other types.
     """
     n_cells = _check_positive_int("n_cells", n_cells)
     n_genes = _check_positive_int("n_genes", n_genes)
@@ -179,28 +352,47 @@ def simulate(
     workers = n_jobs if n_jobs > 0 else (os.cpu_count() or 1)
 
     studies = study_names(n_studies)
-    types = cell_type_names(n_cell_types)
+    sibs = _sibling_specs(siblings, cell_type_names(n_cell_types))
+    types = cell_type_names(n_cell_types) + [name for name, _, _ in sibs]
+    strengths = _state_strengths(state_strength, studies)
+    n_state_genes = _state_gene_count(n_state_genes, n_markers, n_genes)
+    if not (np.isfinite(state_type_sd) and state_type_sd >= 0):
+        raise SettingError(f"setting check failed: state_type_sd must be a finite number >= 0, got {state_type_sd!r}")
+    n_types = len(types)
     allowed = _allowed_types(held_out, studies, types)
     master = np.random.default_rng(np.random.SeedSequence(int(seed)))
 
     # ---- gene-level design
     base = master.normal(0.0, gene_log_sd, n_genes)
-    programs = base[None, :] + master.normal(0.0, type_log_sd, (n_cell_types, n_genes))
+    noise = master.normal(0.0, type_log_sd, (n_cell_types, n_genes))
+    programs = base[None, :] + noise
     perm = master.permutation(n_genes)
+    markers = np.zeros((n_cell_types, n_genes))
     for t in range(n_cell_types):
-        start = (t * n_markers) % n_genes
-        genes = np.take(perm, np.arange(start, start + n_markers), mode="wrap")
-        programs[t, genes] += master.uniform(lo, hi, n_markers)
+        genes = _marker_genes(perm, t, n_markers)
+        fold = master.uniform(lo, hi, n_markers)
+        programs[t, genes] += fold
+        markers[t, genes] = fold
     study_gene = master.normal(0.0, study_gene_sd, (n_studies, n_genes))
     study_lib = master.normal(0.0, study_library_sd, n_studies)
     theta_g = (theta * np.exp(master.normal(0.0, 0.5, n_genes))).astype(np.float32)
+    # siblings and the state come from their own streams, so the draws above (and
+    # every output without them) are the same whether or not they are asked for
+    sib_programs, sib_masks = _sibling_programs(seed, sibs, base, noise, markers, perm, n_markers, (lo, hi),
+                                                type_log_sd)
+    programs = np.vstack([programs, sib_programs])
 
     # q[t * n_studies + s] = normalised expression proportions of type t in study s
     logq = programs[:, None, :] + study_gene[None, :, :]
+    response = None
+    if strengths is not None:
+        response = _state_response(seed, n_cell_types, sibs, sib_masks, n_genes, n_state_genes, (lo, hi),
+                                   state_type_sd)
+        logq += strengths[None, :, None] * response[:, None, :]
     logq -= logq.max(axis=2, keepdims=True)
     q = np.exp(logq)
     q /= q.sum(axis=2, keepdims=True)
-    q = q.reshape(n_cell_types * n_studies, n_genes).astype(np.float32)
+    q = q.reshape(n_types * n_studies, n_genes).astype(np.float32)
 
     # ---- cells: study blocks, type proportions per study, library sizes
     sizes = np.full(n_studies, n_cells // n_studies)
@@ -262,6 +454,11 @@ def simulate(
     adata = ad.AnnData(X=x, obs=obs, var=var)
     adata.varm["type_log_program"] = programs.T.astype(np.float32)
     adata.varm["study_log_effect"] = study_gene.T.astype(np.float32)
+    if response is not None:
+        adata.obs["state"] = pd.Categorical.from_codes((strengths[study_code] > 0).astype(np.int8),
+                                                       categories=["control", "stimulated"])
+        adata.obs["state_strength"] = strengths[study_code].astype(np.float32)
+        adata.varm["state_log_response"] = response.T.astype(np.float32)
     adata.uns["simulate"] = {
         "n_cells": n_cells, "n_genes": n_genes, "n_cell_types": n_cell_types, "n_studies": n_studies,
         "held_out": {str(k): [str(t) for t in ([v] if isinstance(v, str) else v)]
@@ -272,6 +469,11 @@ def simulate(
         "library_size": float(library_size), "library_sd": float(library_sd), "theta": float(theta),
         "type_balance": float(type_balance),
     }
+    if response is not None:  # only when asked for, so default outputs stay as they were
+        adata.uns["simulate"].update({"state_strength": dict(zip(studies, strengths.tolist())),
+                                      "n_state_genes": n_state_genes, "state_type_sd": float(state_type_sd)})
+    if sibs:
+        adata.uns["simulate"]["siblings"] = {name: [types[p], d] for name, p, d in sibs}
     return adata
 
 
