@@ -399,23 +399,23 @@ def main() -> None:
     # the query is read only after reference training, so the peak RSS at that point
     # is the reference phase's own
     query = LazyQuery(a.query)
-    scanvi = None
     if a.tool == "scvi":
         rep, scvi_model = run_scvi(a, ref, query, out)
-        if a.scanvi_out and a.task == "quality":
-            scanvi = run_scanvi(a, scvi_model, query, Path(a.scanvi_out))
     else:
         rep = run_trvae(a, ref, query, out)
-    for r, where in ((rep, out), (scanvi, Path(a.scanvi_out or out))):
-        if r is None:
-            continue
-        r["load_seconds"] = load
-        r["threads"] = a.threads
-        r["seed"] = a.seed
-        r["peak_rss_bytes"] = peak_rss_bytes()  # the process' peak: SCANVI runs after SCVI in it
-        r["pid"] = os.getpid()
-        write_json(where / "report.json", r)
-        print(f"{r['tool']}: peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    _write_report(a, rep, out, load)  # before SCANVI: a SCANVI crash keeps SCVI's result
+    if a.tool == "scvi" and a.scanvi_out and a.task == "quality":
+        _write_report(a, run_scanvi(a, scvi_model, query, Path(a.scanvi_out)), Path(a.scanvi_out), load)
+
+
+def _write_report(a, r: dict, where: Path, load: float) -> None:
+    r["load_seconds"] = load
+    r["threads"] = a.threads
+    r["seed"] = a.seed
+    r["peak_rss_bytes"] = peak_rss_bytes()  # the process' peak so far: SCANVI runs after SCVI in it
+    r["pid"] = os.getpid()
+    write_json(where / "report.json", r)
+    print(f"{r['tool']}: peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -88,26 +88,10 @@ def prepare_split(split: Split, out_dir: Path, n_genes: int = 2000) -> dict:
 
 # ----------------------------------------------------------------------------- quality splits
 
-# Used only while fedarches.data.splits has no PBMC_CD16_HOLDOUT: the sibling-type
-# hold-out of issue 14 (CD16 monocytes absent from the reference).
-_PBMC_CD16_FALLBACK = Split(
-    name="pbmc-cd16",
-    file=_splits.PBMC_CHEMISTRY.file,
-    reference_studies=_splits.PBMC_CHEMISTRY.reference_studies,
-    query_studies=_splits.PBMC_CHEMISTRY.query_studies,
-    held_out_types=("Mono_CD16",),
-    description="Symphony PBMC, by 10x chemistry: reference 3' v1 + 3' v2 without CD16 monocytes; "
-    "query 5' (all types); CD16 monocytes (a sibling of CD14 monocytes) never seen by the reference",
-)
-
-
 def quality_splits() -> dict:
     """fedarches.data.splits.QUALITY_SPLITS by name (real `Split`s and simulated
-    splits with `.make(seed)`); before it exists, the benchmark splits plus pbmc-cd16."""
-    qs = getattr(_splits, "QUALITY_SPLITS", None)
-    if qs is None:
-        cd16 = getattr(_splits, "PBMC_CD16_HOLDOUT", _PBMC_CD16_FALLBACK)
-        qs = {**BENCHMARK_SPLITS, cd16.name: cd16}
+    splits with `.make(seed)`); an older fedarches without it: the benchmark splits."""
+    qs = getattr(_splits, "QUALITY_SPLITS", BENCHMARK_SPLITS)
     return dict(qs) if isinstance(qs, dict) else {s.name: s for s in qs}
 
 

@@ -364,7 +364,8 @@ def write_markdown(res: dict, path: Path) -> None:
     add("")
     add(f"Machine: `nproc` = {m['nproc']}, memory {m['memory']}, CPU {m['cpu']}, {m['platform']}, "
         f"Python {m['python']}. Torch threads per training process: {res['threads']} (every tool alike; "
-        "one process at a time); label transfer: all cores.")
+        + ("one process at a time" if res.get("jobs", 1) == 1 else f"quality section: {res['jobs']} processes at a time")
+        + "); label transfer: all cores.")
 
     loads = [x for r in _runs(res) for x in (r.get("loadavg_1min_before"), r.get("loadavg_1min_after"))
              if x is not None]

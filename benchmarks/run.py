@@ -59,7 +59,7 @@ MODES: dict[str, dict[str, Any]] = {
         "scvi_scale_steps": {10_000: 40},
         "transfer_size": 10_000,
         "quality_seeds": [0],
-        "quality_splits": 2,  # the first two of QUALITY_SPLITS
+        "quality_splits": ["cellbench", "sim-state"],  # one real, one simulated (else the first two)
     },
     # full: every tool's default schedule (scvi-tools tutorial: 400 ref epochs for
     # small data, 200 query epochs; scarches tutorial: 500 + early stopping; fedarches:
@@ -372,7 +372,10 @@ def _score_seed(meta: dict, d: Path, tools: dict) -> None:
     held = sorted(set(q_lab) - set(r_lab))
     for tool, t in tools.items():
         if not t.get("error") and "scores" not in t:
-            t["scores"] = score_tool(d / tool, r_lab, r_bat, q_lab, held)
+            try:
+                t["scores"] = score_tool(d / tool, r_lab, r_bat, q_lab, held)
+            except (OSError, KeyError, ValueError) as e:  # recorded and shown, never invented
+                t["error"] = f"scoring failed: {type(e).__name__}: {e}"
 
 
 def run_quality(mode: dict, runner: Runner, work: Path, py: str, threads: int, seeds: list[int],
@@ -387,7 +390,11 @@ def run_quality(mode: dict, runner: Runner, work: Path, py: str, threads: int, s
     lock = threading.Lock()  # with 2 jobs, a report lands while the other checkpoints
     out = {} if out is None else out
     splits = prep.quality_splits()
-    names = names or list(splits)[: mode["quality_splits"]]
+    want = mode["quality_splits"]
+    if names is None and want is not None:
+        names = [n for n in want if n in splits]
+        names = names if len(names) == len(want) else list(splits)[: len(want)]
+    names = names or list(splits)
     epochs = [*(["--ref-epochs", str(mode["ref_epochs"])] if mode["ref_epochs"] is not None else []),
               *(["--query-epochs", str(mode["query_epochs"])] if mode["query_epochs"] is not None else [])]
     for name in names:
@@ -409,8 +416,9 @@ def run_quality(mode: dict, runner: Runner, work: Path, py: str, threads: int, s
                     shutil.rmtree(sd / t, ignore_errors=True)
                     (sd / t).mkdir(parents=True)
                 run = runner.run(f"quality-{name}-s{seed}-{pname}", argv, allow_fail=True)
-                for t in dirs:
-                    rep = {"error": run["error"]} if "error" in run else read_json(sd / t / "report.json")
+                for t in dirs:  # a failed process may still have written the first tool's report
+                    f = sd / t / "report.json"
+                    rep = read_json(f) if f.exists() else {"error": run.get("error", "no report")}
                     with lock:
                         entry["tools"][t] = {"run": run, **{k: rep.get(k) for k in (
                             "tool", "version", "model", "error", "reference", "query", "peak_rss_bytes", "n_genes")}}

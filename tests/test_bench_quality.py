@@ -106,3 +106,21 @@ def test_report_renders_quality_tables_and_worst_seed_verdict(tmp_path):
     verdict = next(line for line in md.splitlines() if line.startswith("| `toy` |"))
     assert "| yes / yes |" in verdict  # worst seed 90.0% vs the peers' worst 90.0%
     assert "Section **splits** was not re-measured" in md
+
+
+def test_simulated_quality_split_is_drawn_per_seed_with_reference_genes(tmp_path):
+    import anndata as ad
+
+    prep = pytest.importorskip("prep")
+    splits = prep.quality_splits()
+    sim = next((s for s in splits.values() if prep.is_simulated(s)), None)
+    if sim is None:
+        pytest.skip("this fedarches has no simulated quality split")
+    assert not prep.is_simulated(splits["cellbench"])
+    meta = prep.prepare_quality(sim, 0, tmp_path / "s0", n_genes=200)
+    ref, query = ad.read_h5ad(meta["ref"]), ad.read_h5ad(meta["query"])
+    assert list(ref.var_names) == list(query.var_names) and meta["n_genes"] == ref.n_vars <= 200
+    assert set(meta["query_types_not_in_reference"]) == set(sim.held_out_types)
+    assert meta["data_seed"] == 0 and "lognorm" in ref.layers
+    again = prep.prepare_quality(sim, 1, tmp_path / "s1", n_genes=200)
+    assert ad.read_h5ad(again["ref"]).X.sum() != ref.X.sum()
