@@ -133,12 +133,12 @@ class Runner:
             if allow_fail:
                 print(f"[bench] {name} FAILED (exit {proc.returncode}); recorded, continuing", flush=True)
                 return {"error": f"exit {proc.returncode}", "log_tail": tail[-8:], "wall_seconds": wall,
-                        "log": str(log.relative_to(ROOT))}
+                        "log": os.path.relpath(log, ROOT)}
             raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {log}:\n" + "\n".join(tail))
         print(f"[bench] {name} done in {wall:.1f} s", flush=True)
         # other work on the machine skews timings: the 1-minute load average before and
         # after each process is kept with its figures
-        return {"wall_seconds": wall, "log": str(log.relative_to(ROOT)),
+        return {"wall_seconds": wall, "log": os.path.relpath(log, ROOT),
                 "loadavg_1min_before": load_before, "loadavg_1min_after": _loadavg()}
 
 
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] re-rendered {a.markdown} from {a.results}")
         return 0
     mode = MODES[a.mode]
-    work = Path(a.work) if a.work else WORK / a.mode
+    work = (Path(a.work) if a.work else WORK / a.mode).resolve()  # logs are named relative to the root
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started = time.time()
