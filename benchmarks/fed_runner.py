@@ -2,7 +2,8 @@
 subprocess so its peak memory (ru_maxrss) is measured exactly like the peers'.
 
     quality  FedArchesModel.train_reference -> map_query(strategy="conditions")
-             -> latent of reference and query cells from the extended model
+             -> latent of reference and query cells from the extended model, and the
+             labels map_query wrote (<label>_pred / _unknown / _novelty) per query cell
     scale    one reference epoch and one query epoch on large generated data
     transfer KNNLabelTransfer fit + predict timing on two latent files
 """
@@ -117,6 +118,11 @@ def run_model(a) -> dict:
         z_q = np.asarray(res.adata.obsm["X_fedarches"])
         rep["embed_seconds"] = time.perf_counter() - t0
         np.savez(out / "latent.npz", reference=z_ref.astype("float32"), query=z_q.astype("float32"))
+        obs, lk = res.adata.obs, a.label_key
+        if f"{lk}_pred" in obs:  # the labels map_query wrote: what a user of fedarches gets
+            np.savez(out / "own_labels.npz", prediction=np.asarray(obs[f"{lk}_pred"].astype(str), dtype=str),
+                     is_unknown=obs[f"{lk}_unknown"].to_numpy(dtype=bool),
+                     novelty=obs[f"{lk}_novelty"].to_numpy(dtype=np.float32))
     else:
         # latents for the 1M-vs-1M label-transfer timing (embedding is not timed as training)
         t0 = time.perf_counter()
@@ -163,6 +169,7 @@ def main() -> None:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     rep = run_transfer(a) if a.task == "transfer" else run_model(a)
     rep["threads"] = a.threads
+    rep["seed"] = a.seed
     rep["peak_rss_bytes"] = peak_rss_bytes()
     rep["pid"] = os.getpid()
     write_json(Path(a.out) / "report.json", rep)

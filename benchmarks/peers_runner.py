@@ -1,11 +1,13 @@
-"""Peer runner: scvi-tools SCVI and scarches TRVAE, run INSIDE the peers' venv.
+"""Peer runner: scvi-tools SCVI (+ SCANVI) and scarches TRVAE, run INSIDE the peers' venv.
 
 The harness (benchmarks/run.py, fedarches' venv) starts this script as a subprocess
 and exchanges only files with it: it reads h5ad files written by the harness and
 writes `latent.npz` + `report.json` into --out. Nothing here imports fedarches.
 
     quality  reference training -> save -> load_query_data (surgery) -> query training
-             -> latent of reference and query cells (query model)
+             -> latent of reference and query cells (query model); with --scanvi-out,
+             SCANVI.from_scvi_model on the same reference SCVI, its own surgery, and
+             its classifier's predictions for the query cells
     scale    one reference epoch (or --steps minibatches) and one query epoch on large
              generated data, for seconds per epoch and peak memory
 """
@@ -42,6 +44,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--query-epochs", type=int, default=None, help="None: the tool's tutorial default")
     p.add_argument("--steps", type=int, default=None, help="scale: minibatches per phase (None: one full epoch)")
     p.add_argument("--condition-key", default="study")
+    p.add_argument("--label-key", default="cell_type")
+    p.add_argument("--scanvi-out", default=None,
+                   help="scvi quality: also train SCANVI from the same reference SCVI and write it here")
     return p.parse_args()
 
 
@@ -193,7 +198,75 @@ def run_scvi(a, ref, query, out: Path) -> dict:
         z_q = qmodel.get_latent_representation(q)
         rep["embed_seconds"] = time.perf_counter() - t0
         np.savez(out / "latent.npz", reference=z_ref.astype("float32"), query=z_q.astype("float32"))
-    return rep
+    return rep, model
+
+
+# ----------------------------------------------------------------------------- scvi-tools SCANVI
+
+# scvi-tools' scArches tutorial ("Reference mapping with scvi-tools", scANVI part):
+# SCANVI.from_scvi_model(reference SCVI, unlabeled_category="Unknown"),
+# train(max_epochs=20, n_samples_per_label=100); query labels set to the unlabeled
+# category, SCANVI.load_query_data, train(max_epochs=100, weight_decay 0,
+# check_val_every_n_epoch=10).
+SCANVI_UNLABELED = "Unknown"
+SCANVI_REF_TRAIN = {"max_epochs": 20, "n_samples_per_label": 100}
+SCANVI_QUERY_TRAIN = {"max_epochs": 100, "plan_kwargs": {"weight_decay": 0.0}, "check_val_every_n_epoch": 10}
+SCANVI_LABELS = "_scanvi_label"
+
+
+def run_scanvi(a, scvi_model, query, out: Path) -> dict:
+    """SCANVI on the reference SCVI the scvi run just trained (same cells, genes, seed)."""
+    import numpy as np
+    import scvi
+
+    scvi.settings.seed = a.seed
+    out.mkdir(parents=True, exist_ok=True)
+    ref = scvi_model.adata
+    ref.obs[SCANVI_LABELS] = ref.obs[a.label_key].astype(str).to_numpy()
+    model = scvi.model.SCANVI.from_scvi_model(scvi_model, unlabeled_category=SCANVI_UNLABELED,
+                                              labels_key=SCANVI_LABELS)
+    n_cpu = len(CPU)
+    ref_clock = EpochClock()
+    epochs = SCANVI_REF_TRAIN["max_epochs"] if a.ref_epochs is None else min(a.ref_epochs, SCANVI_REF_TRAIN["max_epochs"])
+    ref_seconds = _scvi_train(model, epochs, ref_clock, n_samples_per_label=SCANVI_REF_TRAIN["n_samples_per_label"])
+    ref_dir = out / "scanvi_ref"
+    model.save(str(ref_dir), overwrite=True)
+
+    q = query.get().copy()
+    q.obs[SCANVI_LABELS] = SCANVI_UNLABELED  # the query's labels are not given to the model
+    scvi.model.SCANVI.prepare_query_anndata(q, str(ref_dir))
+    qmodel = scvi.model.SCANVI.load_query_data(q, str(ref_dir), accelerator="cpu")
+    before = _param_snapshot(qmodel.module)
+    q_clock = EpochClock()
+    q_kw = {k: v for k, v in SCANVI_QUERY_TRAIN.items() if k != "max_epochs"}
+    q_seconds = _scvi_train(qmodel, a.query_epochs or SCANVI_QUERY_TRAIN["max_epochs"], q_clock, **q_kw)
+    changed, changed_per = _changed_entries(before, qmodel.module)
+
+    t0 = time.perf_counter()
+    z_ref = qmodel.get_latent_representation(ref)
+    z_q = qmodel.get_latent_representation(q)
+    pred = np.asarray(qmodel.predict(q)).astype(str)
+    soft = qmodel.predict(q, soft=True)
+    embed = time.perf_counter() - t0
+    np.savez(out / "latent.npz", reference=z_ref.astype("float32"), query=z_q.astype("float32"))
+    np.savez(out / "own_labels.npz", prediction=pred,
+             max_probability=np.asarray(soft).max(axis=1).astype("float32"),
+             classes=np.asarray(list(soft.columns)).astype(str))
+    return {
+        "tool": "scvi-tools SCANVI",
+        "version": scvi.__version__,
+        "model": "SCANVI.from_scvi_model(SCVI " + ", ".join(f"{k}={v}" for k, v in SCVI_ARCHES_PARAMS.items())
+        + f"), unlabeled_category={SCANVI_UNLABELED!r}; reference train {SCANVI_REF_TRAIN}; query train "
+        f"{SCANVI_QUERY_TRAIN}",
+        "reference": {**per_epoch_summary(ref_clock.times), "fit_seconds": ref_seconds,
+                      "fit_cpu_seconds": CPU[n_cpu],
+                      "total_parameters": sum(p.numel() for p in model.module.parameters())},
+        "query": {**per_epoch_summary(q_clock.times), "fit_seconds": q_seconds, "fit_cpu_seconds": CPU[n_cpu + 1],
+                  "trainable_parameters": changed, "trainable_tensors": changed_per,
+                  "upload_bytes": 4 * changed},
+        "embed_seconds": embed,
+        "n_ref_cells": int(ref.n_obs), "n_query_cells": int(q.n_obs), "n_genes": int(ref.n_vars),
+    }
 
 
 # ----------------------------------------------------------------------------- scarches TRVAE
@@ -327,15 +400,22 @@ def main() -> None:
     # is the reference phase's own
     query = LazyQuery(a.query)
     if a.tool == "scvi":
-        rep = run_scvi(a, ref, query, out)
+        rep, scvi_model = run_scvi(a, ref, query, out)
     else:
         rep = run_trvae(a, ref, query, out)
-    rep["load_seconds"] = load
-    rep["threads"] = a.threads
-    rep["peak_rss_bytes"] = peak_rss_bytes()
-    rep["pid"] = os.getpid()
-    write_json(out / "report.json", rep)
-    print(f"{rep['tool']}: peak RSS {rep['peak_rss_bytes'] / 2**20:.0f} MiB")
+    _write_report(a, rep, out, load)  # before SCANVI: a SCANVI crash keeps SCVI's result
+    if a.tool == "scvi" and a.scanvi_out and a.task == "quality":
+        _write_report(a, run_scanvi(a, scvi_model, query, Path(a.scanvi_out)), Path(a.scanvi_out), load)
+
+
+def _write_report(a, r: dict, where: Path, load: float) -> None:
+    r["load_seconds"] = load
+    r["threads"] = a.threads
+    r["seed"] = a.seed
+    r["peak_rss_bytes"] = peak_rss_bytes()  # the process' peak so far: SCANVI runs after SCVI in it
+    r["pid"] = os.getpid()
+    write_json(where / "report.json", r)
+    print(f"{r['tool']}: peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from fedarches.data import splits as _splits
 from fedarches.data.genes import select_genes
 from fedarches.data.splits import BENCHMARK_SPLITS, Split
 
@@ -53,24 +54,62 @@ def _clean(a: ad.AnnData, genes: list[str]) -> ad.AnnData:
     return out
 
 
-def prepare_split(split: Split, out_dir: Path, n_genes: int = 2000) -> dict:
+def _write_pair(ref: ad.AnnData, query: ad.AnnData, out_dir: Path, n_genes: int) -> dict:
+    """Genes chosen on the reference only; both files restricted to them."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    full = ad.read_h5ad(DATA / split.file)
-    ref, query = split.apply(full)
+    n_available = int(ref.n_vars)
     genes = select_genes(sp.csr_matrix(ref.X), list(ref.var_names), ref.obs["study"].astype(str).to_numpy(), n_genes)
     ref, query = _clean(ref, genes), _clean(query, genes)
     ref.write_h5ad(out_dir / "ref.h5ad")
     query.write_h5ad(out_dir / "query.h5ad")
+    held = sorted(set(query.obs["cell_type"].astype(str)) - set(ref.obs["cell_type"].astype(str)))
+    return {
+        "n_reference_cells": int(ref.n_obs),
+        "n_query_cells": int(query.n_obs),
+        "n_genes": len(genes),
+        "n_genes_available": n_available,
+        "query_types_not_in_reference": held,
+        "ref": str(out_dir / "ref.h5ad"),
+        "query": str(out_dir / "query.h5ad"),
+    }
+
+
+def prepare_split(split: Split, out_dir: Path, n_genes: int = 2000) -> dict:
+    ref, query = split.apply(ad.read_h5ad(DATA / split.file))
     return {
         "name": split.name,
         "description": split.description,
         "reference_studies": list(split.reference_studies),
         "query_studies": list(split.query_studies),
         "held_out_types": list(split.held_out_types),
-        "n_reference_cells": int(ref.n_obs),
-        "n_query_cells": int(query.n_obs),
-        "n_genes": len(genes),
-        "n_genes_available": int(full.n_vars),
-        "ref": str(out_dir / "ref.h5ad"),
-        "query": str(out_dir / "query.h5ad"),
+        **_write_pair(ref, query, out_dir, n_genes),
+    }
+
+
+# ----------------------------------------------------------------------------- quality splits
+
+def quality_splits() -> dict:
+    """fedarches.data.splits.QUALITY_SPLITS by name (real `Split`s and simulated
+    splits with `.make(seed)`); an older fedarches without it: the benchmark splits."""
+    qs = getattr(_splits, "QUALITY_SPLITS", BENCHMARK_SPLITS)
+    return dict(qs) if isinstance(qs, dict) else {s.name: s for s in qs}
+
+
+def is_simulated(split) -> bool:
+    """Simulated splits draw new cells per seed; real splits are the same cells every seed."""
+    return callable(getattr(split, "make", None))
+
+
+def prepare_quality(split, seed: int, out_dir: Path, n_genes: int = 2000) -> dict:
+    """One (split, seed)'s files: simulated splits with data seed = run seed."""
+    if not is_simulated(split):
+        return {**prepare_split(split, out_dir, n_genes), "simulated": False}
+    ref, query = split.make(seed)
+    return {
+        "name": split.name,
+        "description": getattr(split, "description", ""),
+        "held_out_types": list(getattr(split, "held_out_types", ()) or ()),
+        "simulated": True,
+        "data_seed": int(seed),
+        **_write_pair(ref, query, out_dir, n_genes),
     }

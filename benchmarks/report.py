@@ -315,11 +315,20 @@ def _named_runs(res: dict) -> list[tuple[str, dict]]:
         out += [(f"scale {int(n):,}/{k}", t.get("run") or {}) for k, t in sc["tools"].items()]
         if sc.get("label_transfer"):
             out.append((f"scale {int(n):,}/label transfer", sc["label_transfer"].get("run") or {}))
+    return out + _quality_runs(res)
+
+
+def _quality_runs(res: dict) -> list[tuple[str, dict]]:
+    out = []
+    for split, q in (res.get("quality") or {}).items():
+        for seed, e in (q.get("seeds") or {}).items():
+            out += [(f"quality {split} seed {seed}/{k}", t.get("run") or {}) for k, t in e["tools"].items()
+                    if k != "scanvi"]  # scanvi runs in the scvi-tools process
     return out
 
 
 def _runs(res: dict) -> list[dict]:
-    out = []
+    out = [r for _, r in _quality_runs(res)]
     for sr in (res.get("splits") or {}).values():
         out += [t.get("run") or {} for t in sr["tools"].values()]
     for _, sc in _scale_items(res):
@@ -343,6 +352,10 @@ def write_markdown(res: dict, path: Path) -> None:
         add("")
         add("> **PARTIAL**: this run was still going (or was stopped) when this file was written; "
             "sections or tools missing below were not measured.")
+    for sec, c in (res.get("carried_over") or {}).items():
+        add("")
+        add(f"> Section **{sec}** was not re-measured by this command: it is kept from `{c.get('command')}` "
+            f"started {c.get('started')}.")
     if res["mode"] != "full":
         add("")
         add("> **Quick mode**: few epochs and small generated data; a smoke test of the harness, not results. "
@@ -351,7 +364,8 @@ def write_markdown(res: dict, path: Path) -> None:
     add("")
     add(f"Machine: `nproc` = {m['nproc']}, memory {m['memory']}, CPU {m['cpu']}, {m['platform']}, "
         f"Python {m['python']}. Torch threads per training process: {res['threads']} (every tool alike; "
-        "one process at a time); label transfer: all cores.")
+        + ("one process at a time" if res.get("jobs", 1) == 1 else f"quality section: {res['jobs']} processes at a time")
+        + "); label transfer: all cores.")
 
     loads = [x for r in _runs(res) for x in (r.get("loadavg_1min_before"), r.get("loadavg_1min_after"))
              if x is not None]
@@ -557,6 +571,8 @@ def write_markdown(res: dict, path: Path) -> None:
             d = sc["data"]
             add(f"- {int(n):,}: {d.get('description', '')}; generated in {_fmt(d.get('generate_seconds'))} s")
 
+    _quality_section(res, add)
+
     # optimisations
     add("")
     add("## Which query optimisations apply to which model")
@@ -593,6 +609,11 @@ def write_markdown(res: dict, path: Path) -> None:
         "(query model): fedarches.labels.KNNLabelTransfer (k=50) and fedarches.metrics on reference + query. "
         "Two unknown rules are reported for every tool: the paper's kNN uncertainty alone (> 0.5), and "
         "fedarches' calibrated novelty test. A known-type cell called unknown counts as wrong.")
+    if res.get("quality"):
+        add("- scvi-tools SCANVI (quality section): its scArches tutorial: `SCANVI.from_scvi_model(<the reference "
+            "SCVI above>, unlabeled_category='Unknown')`, `train(max_epochs=20, n_samples_per_label=100)`; query "
+            "labels set to 'Unknown', `SCANVI.load_query_data` + `train(max_epochs=100, plan_kwargs={'weight_decay': "
+            "0.0}, check_val_every_n_epoch=10)`; its labels: `predict()`, max of `predict(soft=True)`.")
     if res["mode"] != "full":
         add(f"- Quick mode epochs: reference {res['mode_settings'].get('ref_epochs')}, query "
             f"{res['mode_settings'].get('query_epochs')} for every tool.")
@@ -617,3 +638,125 @@ def write_markdown(res: dict, path: Path) -> None:
         add(c.replace(str(Path(__file__).resolve().parents[1]) + "/", ""))
     add("```")
     path.write_text("\n".join(L) + "\n")
+
+
+# ----------------------------------------------------------------------------- quality under state shift
+
+QUALITY_ROWS = [  # (tool, rule, row label)
+    ("fedarches-nb", "own", "fedarches NB, its own labels (map_query)"),
+    ("fedarches-trvae", "own", "fedarches trVAE, its own labels (map_query)"),
+    ("scanvi", "own", "scvi-tools SCANVI, its own classifier"),
+    ("fedarches-nb", "paper-knn", "fedarches NB + paper kNN"),
+    ("fedarches-trvae", "paper-knn", "fedarches trVAE + paper kNN"),
+    ("scvi-tools", "paper-knn", "scvi-tools SCVI + paper kNN"),
+    ("scanvi", "paper-knn", "scvi-tools SCANVI latent + paper kNN"),
+    ("scarches-trvae", "paper-knn", "scarches TRVAE + paper kNN"),
+    ("fedarches-nb", "fedarches-rule", "fedarches NB + fedarches rule"),
+    ("fedarches-trvae", "fedarches-rule", "fedarches trVAE + fedarches rule"),
+    ("scvi-tools", "fedarches-rule", "scvi-tools SCVI + fedarches rule"),
+    ("scanvi", "fedarches-rule", "scvi-tools SCANVI latent + fedarches rule"),
+    ("scarches-trvae", "fedarches-rule", "scarches TRVAE + fedarches rule"),
+]
+FALSE_ALARM_MAX = 0.05
+
+
+def _ms(st: dict | None, pct: bool = True) -> str:
+    """mean ± sd (worst, seed): the worst seed is what verdicts use."""
+    if not st:
+        return "n/a"
+    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
+    sd = f"{100 * st['sd']:.1f}" if pct else f"{st['sd']:.3f}"
+    return f"{f(st['mean'])} ± {sd} ({f(st['worst'])}, s{st['worst_seed']})"
+
+
+def _worst(agg: dict, tool: str, rule: str, *path):
+    return _get(agg, tool, rule, *path, "worst")
+
+
+def _quality_section(res: dict, add) -> None:
+    q = res.get("quality") or {}
+    if not q:
+        return
+    add("")
+    add("## Quality under state shift")
+    add("")
+    add(f"Seeds {', '.join(str(s) for s in res.get('quality_seeds', []))}; each cell: mean ± sd over seeds "
+        "(worst seed's value, its seed). Every tool of a (split, seed) gets the same cells and genes and its seed "
+        "set to the run seed (simulated splits also draw their cells with it). Known-type accuracy counts a known "
+        "cell called unknown as wrong; held-out types: fraction called unknown and AUROC of the rule's score "
+        "(that type's cells vs known-type cells). Rules: **own** = the tool's own labels (fedarches: map_query's "
+        "`_pred` / `_unknown` / `_novelty`; SCANVI: its classifier, unknown where max probability < 0.5, score "
+        "1 - max probability); **paper kNN** = k=50 on the tool's latent, unknown where uncertainty > 0.5, score "
+        "= uncertainty; **fedarches rule** = fedarches.labels.KNNLabelTransfer defaults on the tool's latent "
+        "(score = novelty).")
+    verdicts = []
+    for split, sq in q.items():
+        agg = sq.get("aggregate") or {}
+        meta = sq.get("data") or {}
+        seeds = sorted(sq.get("seeds") or {}, key=int)
+        types = sorted({t for tool in agg.values() for r in tool.values() for t in r.get("heldout", {})})
+        add("")
+        add(f"### `{split}`")
+        add("")
+        desc = (meta.get("description") or "").rstrip(".")
+        add(f"{desc + '. ' if desc else ''}Reference {meta.get('n_reference_cells', 0):,} cells, query "
+            f"{meta.get('n_query_cells', 0):,}, {meta.get('n_genes', 0):,} genes; held out: "
+            f"{', '.join(types) or 'none'}; seeds measured: {', '.join(seeds)}"
+            f"{' (cells drawn per seed)' if sq.get('simulated') else ''}. Wall time per seed (all tools): "
+            + ", ".join(f"s{s} {(sq['seeds'][s].get('seconds') or 0) / 60:.1f} min" for s in seeds) + ".")
+        failed = [f"{t} (seed {s}: {v['error']})" for s in seeds for t, v in sq["seeds"][s]["tools"].items()
+                  if v.get("error")]
+        if failed:
+            add("")
+            add("Failed (not scored): " + "; ".join(failed) + ".")
+        add("")
+        head = ["known-type accuracy", "known called unknown"]
+        head += [x for t in types for x in (f"{t} called unknown", f"{t} AUROC")]
+        add("| tool + rule | " + " | ".join(head) + " |")
+        add("|---|" + "---|" * len(head))
+        for tool, rule, label in QUALITY_ROWS:
+            a = _get(agg, tool, rule)
+            if not a:
+                continue
+            cells = [_ms(a.get("accuracy_known")), _ms(a.get("known_called_unknown"))]
+            for t in types:
+                h = _get(a, "heldout", t) or {}
+                cells += [_ms(h.get("called_unknown")), _ms(h.get("auroc"), pct=False)]
+            add(f"| {label} | " + " | ".join(cells) + " |")
+        verdicts.append((split, agg, types))
+
+    add("")
+    add("### Verdicts (worst seed)")
+    add("")
+    add("Accuracy bar: fedarches' own labels >= the best of scvi-tools SCANVI (own classifier) and SCVI + paper kNN, "
+        f"worst seed against worst seed. False alarms: known cells called unknown <= {FALSE_ALARM_MAX:.0%} (worst "
+        "seed). Detection: held-out cells called unknown and AUROC (worst seed).")
+    add("")
+    add("| split | fedarches NB own | fedarches trVAE own | SCANVI own | SCVI + paper kNN | accuracy >= best peer "
+        "(NB / trVAE) | false alarms NB / trVAE | false alarms <= 5% (NB / trVAE) | held-out called unknown, NB / "
+        "trVAE / SCANVI | held-out AUROC, NB / trVAE / SCANVI |")
+    add("|---|---|---|---|---|---|---|---|---|---|")
+    for split, agg, types in verdicts:
+        acc = {k: _worst(agg, t, r, "accuracy_known") for k, t, r in (
+            ("nb", "fedarches-nb", "own"), ("tr", "fedarches-trvae", "own"), ("scanvi", "scanvi", "own"),
+            ("scvi", "scvi-tools", "paper-knn"))}
+        peers = [v for v in (acc["scanvi"], acc["scvi"]) if v is not None]
+        best = max(peers) if peers else None
+
+        def bar(v, best=best):
+            return "n/a" if v is None or best is None else ("yes" if v >= best - 1e-12 else
+                                                            f"NO ({100 * (v - best):+.1f} pts)")
+        fa = [_worst(agg, t, "own", "known_called_unknown") for t in ("fedarches-nb", "fedarches-trvae")]
+        fa_ok = ["n/a" if v is None else ("yes" if v <= FALSE_ALARM_MAX else "NO") for v in fa]
+
+        def per_type(metric, pct=True):
+            parts = []
+            for ty in types:
+                vals = [_worst(agg, t, "own", "heldout", ty, metric) for t in ("fedarches-nb", "fedarches-trvae",
+                                                                               "scanvi")]
+                fmt = _pct if pct else (lambda x: "n/a" if x is None else f"{x:.3f}")
+                parts.append(f"{ty}: " + " / ".join(fmt(v) for v in vals))
+            return "; ".join(parts) or "no held-out type"
+        add(f"| `{split}` | {_pct(acc['nb'])} | {_pct(acc['tr'])} | {_pct(acc['scanvi'])} | {_pct(acc['scvi'])} | "
+            f"{bar(acc['nb'])} / {bar(acc['tr'])} | {_pct(fa[0])} / {_pct(fa[1])} | {fa_ok[0]} / {fa_ok[1]} | "
+            f"{per_type('called_unknown')} | {per_type('auroc', pct=False)} |")

@@ -1,7 +1,8 @@
 """fedarches vs scvi-tools and scarches, measured in ONE run.
 
     python benchmarks/run.py --mode quick   # minutes; CI: fails only on a crash
-    python benchmarks/run.py --mode full    # the RESULTS.md table (about an hour)
+    python benchmarks/run.py --mode full    # the RESULTS.md tables (hours: see README)
+    python benchmarks/run.py --mode full --sections quality --seeds 0,1,2,3,4
 
 Runs in fedarches' venv. The peers (scvi-tools SCVI, scarches TRVAE) live in their own
 venv (benchmarks/setup_peers.sh creates it: benchmarks/work/peers-venv) and are run as
@@ -14,8 +15,15 @@ Quality is computed here, identically for every tool, from each tool's latent of
 reference and query cells: fedarches.labels (weighted kNN label transfer, paper
 eqs. 17-22, and fedarches' calibrated novelty test) and fedarches.metrics.
 
+The quality section (``--sections quality``) maps every split of
+fedarches.data.splits.QUALITY_SPLITS with every tool for each seed in --seeds (the
+tool's seed = the run seed; simulated splits also draw their cells with it) and
+scores three rules per tool (benchmarks/quality_scores.py); verdicts use the worst seed.
+
 Writes benchmarks/results.json and benchmarks/RESULTS.md. Speed is reported as
 ratios between tools measured in this same run; nothing is asserted about speed.
+Sections not run this time are kept from the existing results file, marked with
+the command and date of the run that measured them.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from common import read_json, write_json
+from quality_scores import aggregate, score_tool
 
 WORK = HERE / "work"
 PEERS_VENV = Path(os.environ.get("PEERS_VENV", WORK / "peers-venv"))
@@ -49,6 +58,8 @@ MODES: dict[str, dict[str, Any]] = {
         "scale_sizes": [10_000],
         "scvi_scale_steps": {10_000: 40},
         "transfer_size": 10_000,
+        "quality_seeds": [0],
+        "quality_splits": ["cellbench", "sim-state"],  # one real, one simulated (else the first two)
     },
     # full: every tool's default schedule (scvi-tools tutorial: 400 ref epochs for
     # small data, 200 query epochs; scarches tutorial: 500 + early stopping; fedarches:
@@ -61,8 +72,11 @@ MODES: dict[str, dict[str, Any]] = {
         # (one full 1M epoch takes ~10 min per phase here); smaller sizes: full epochs
         "scvi_scale_steps": {10_000: None, 100_000: None, 1_000_000: 1500},
         "transfer_size": 1_000_000,
+        "quality_seeds": [0, 1, 2, 3, 4],
+        "quality_splits": None,  # all
     },
 }
+ALL_SECTIONS = ("splits", "scale", "quality")
 
 QUALITY_TOOLS = ["fedarches-nb", "fedarches-trvae", "fedarches-trvae-w128", "scvi-tools", "scarches-trvae"]
 # fed_runner.py arguments per fedarches tool. fedarches-trvae-w128 is the trVAE at SCVI's
@@ -80,7 +94,11 @@ TOOL_LABEL = {
     "fedarches-trvae-w128": "fedarches trVAE [128,128]",
     "scvi-tools": "scvi-tools SCVI [128,128]",
     "scarches-trvae": "scarches TRVAE [128,20]",
+    "scanvi": "scvi-tools SCANVI [128,128]",
 }
+# the quality section's tools; scanvi is trained in the scvi-tools process, from its
+# reference SCVI (SCANVI.from_scvi_model), so both share one reference training
+STATE_TOOLS = ("fedarches-nb", "fedarches-trvae", "scvi-tools", "scanvi", "scarches-trvae")
 
 
 # ----------------------------------------------------------------------------- subprocesses
@@ -115,12 +133,12 @@ class Runner:
             if allow_fail:
                 print(f"[bench] {name} FAILED (exit {proc.returncode}); recorded, continuing", flush=True)
                 return {"error": f"exit {proc.returncode}", "log_tail": tail[-8:], "wall_seconds": wall,
-                        "log": str(log.relative_to(ROOT))}
+                        "log": os.path.relpath(log, ROOT)}
             raise RuntimeError(f"{name} failed (exit {proc.returncode}); log {log}:\n" + "\n".join(tail))
         print(f"[bench] {name} done in {wall:.1f} s", flush=True)
         # other work on the machine skews timings: the 1-minute load average before and
         # after each process is kept with its figures
-        return {"wall_seconds": wall, "log": str(log.relative_to(ROOT)),
+        return {"wall_seconds": wall, "log": os.path.relpath(log, ROOT),
                 "loadavg_1min_before": load_before, "loadavg_1min_after": _loadavg()}
 
 
@@ -329,6 +347,95 @@ def run_scale(mode: dict, runner: Runner, work: Path, py: str, threads: int, che
     return out
 
 
+def _quality_processes(py: str, meta: dict, d: Path, threads: int, seed: int, epochs: list[str]) -> list[tuple]:
+    """(name, argv, tool dirs it writes), longest first so two jobs finish together."""
+    common = ["--ref", meta["ref"], "--query", meta["query"], "--threads", str(threads), "--seed", str(seed),
+              *epochs]
+    peers = [str(PEERS_PY), str(HERE / "peers_runner.py"), "quality"]
+    return [
+        ("scvi-tools+scanvi", [*peers, "--tool", "scvi", "--out", str(d / "scvi-tools"),
+                               "--scanvi-out", str(d / "scanvi"), *common], ["scvi-tools", "scanvi"]),
+        ("scarches-trvae", [*peers, "--tool", "trvae", "--out", str(d / "scarches-trvae"), *common],
+         ["scarches-trvae"]),
+        *[(t, [py, str(HERE / "fed_runner.py"), "quality", *FED_ARGS[t], "--out", str(d / t), *common], [t])
+          for t in ("fedarches-nb", "fedarches-trvae")],
+    ]
+
+
+def _score_seed(meta: dict, d: Path, tools: dict) -> None:
+    import anndata as ad
+
+    ref = ad.read_h5ad(meta["ref"], backed="r")
+    q_lab = ad.read_h5ad(meta["query"], backed="r").obs["cell_type"].astype(str).to_numpy()
+    r_lab = ref.obs["cell_type"].astype(str).to_numpy()
+    r_bat = ref.obs["study"].astype(str).to_numpy()
+    held = sorted(set(q_lab) - set(r_lab))
+    for tool, t in tools.items():
+        if not t.get("error") and "scores" not in t:
+            try:
+                t["scores"] = score_tool(d / tool, r_lab, r_bat, q_lab, held)
+            except (OSError, KeyError, ValueError) as e:  # recorded and shown, never invented
+                t["error"] = f"scoring failed: {type(e).__name__}: {e}"
+
+
+def run_quality(mode: dict, runner: Runner, work: Path, py: str, threads: int, seeds: list[int],
+                names: list[str] | None, jobs: int = 1, checkpoint=lambda: None, out: dict | None = None) -> dict:
+    """Every (split, seed): the same files for every tool, each tool a process of its
+    own (at most `jobs` at a time), scored and checkpointed before the next."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import prep
+
+    lock = threading.Lock()  # with 2 jobs, a report lands while the other checkpoints
+    out = {} if out is None else out
+    splits = prep.quality_splits()
+    want = mode["quality_splits"]
+    if names is None and want is not None:
+        names = [n for n in want if n in splits]
+        names = names if len(names) == len(want) else list(splits)[: len(want)]
+    names = names or list(splits)
+    epochs = [*(["--ref-epochs", str(mode["ref_epochs"])] if mode["ref_epochs"] is not None else []),
+              *(["--query-epochs", str(mode["query_epochs"])] if mode["query_epochs"] is not None else [])]
+    for name in names:
+        split = splits[name]
+        res = out.setdefault(name, {"simulated": prep.is_simulated(split), "seeds": {}})
+        for seed in seeds:
+            sim = prep.is_simulated(split)
+            d = work / "quality" / name / (f"seed{seed}" if sim else "data")
+            if sim or not (d / "query.h5ad").exists() or "data" not in res:
+                res["data"] = prep.prepare_quality(split, seed, d)
+            meta = res["data"]
+            sd = work / "quality" / name / f"seed{seed}"
+            entry = res["seeds"][str(seed)] = {"data": meta, "tools": {}}
+            t0 = time.perf_counter()
+
+            def one(proc, sd=sd, entry=entry, seed=seed):
+                pname, argv, dirs = proc
+                for t in dirs:
+                    shutil.rmtree(sd / t, ignore_errors=True)
+                    (sd / t).mkdir(parents=True)
+                run = runner.run(f"quality-{name}-s{seed}-{pname}", argv, allow_fail=True)
+                for t in dirs:  # a failed process may still have written the first tool's report
+                    f = sd / t / "report.json"
+                    rep = read_json(f) if f.exists() else {"error": run.get("error", "no report")}
+                    with lock:
+                        entry["tools"][t] = {"run": run, **{k: rep.get(k) for k in (
+                            "tool", "version", "model", "error", "reference", "query", "peak_rss_bytes", "n_genes")}}
+                with lock:
+                    checkpoint()
+                return pname
+
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                list(pool.map(one, _quality_processes(py, meta, sd, threads, seed, epochs)))
+            _score_seed(meta, sd, entry["tools"])
+            entry["seconds"] = time.perf_counter() - t0
+            res["aggregate"] = aggregate({s: {t: v["scores"] for t, v in e["tools"].items() if "scores" in v}
+                                          for s, e in res["seeds"].items()})
+            checkpoint()
+    return out
+
+
 # ----------------------------------------------------------------------------- environment
 
 def _pip_versions(py: str) -> dict[str, str]:
@@ -374,11 +481,38 @@ KEY_PACKAGES = ["fedarches", "torch", "numpy", "scipy", "anndata", "scanpy", "sc
 
 # ----------------------------------------------------------------------------- main
 
+def _carry_over(results: dict, path: Path, sections: list[str]) -> None:
+    """Sections this run does not measure are kept from the results file it replaces
+    (same mode), each marked with the command and start of the run that measured it."""
+    if not path.exists():
+        return
+    try:
+        old = read_json(path)
+    except ValueError:
+        return
+    if old.get("mode") != results["mode"]:
+        return
+    carried = {}
+    for sec in ALL_SECTIONS:
+        if sec in sections or sec not in old:
+            continue
+        results[sec] = old[sec]
+        prev = (old.get("carried_over") or {}).get(sec)
+        carried[sec] = prev or {"command": old.get("command"), "started": old.get("started")}
+    if carried:
+        results["carried_over"] = carried
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=sorted(MODES), default="quick")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process (all tools alike)")
-    p.add_argument("--sections", default="splits,scale", help="comma list: splits, scale")
+    p.add_argument("--sections", default=",".join(ALL_SECTIONS), help="comma list: " + ", ".join(ALL_SECTIONS))
+    p.add_argument("--seeds", default=None, help="quality: comma list of seeds (default: full 0,1,2,3,4; quick 0)")
+    p.add_argument("--quality-splits", default=None,
+                   help="quality: comma list of split names (default: full all of QUALITY_SPLITS; quick the first 2)")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                   help="quality: tool processes at a time (each with --threads threads)")
     p.add_argument("--work", default=None, help="scratch directory (default benchmarks/work/<mode>)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per subprocess")
     # quick runs are smoke tests: they never overwrite the committed full results
@@ -402,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] re-rendered {a.markdown} from {a.results}")
         return 0
     mode = MODES[a.mode]
-    work = Path(a.work) if a.work else WORK / a.mode
+    work = (Path(a.work) if a.work else WORK / a.mode).resolve()  # logs are named relative to the root
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -440,12 +574,21 @@ def main(argv: list[str] | None = None) -> int:
         write_json(a.results, results)
         write_markdown(results, Path(a.markdown))
 
+    results["sections"] = sections
+    results["jobs"] = a.jobs
+    _carry_over(results, Path(a.results), sections)
     if "splits" in sections:
         results["splits"] = {}
         run_splits(mode, runner, work, py, a.threads, checkpoint, results["splits"])
     if "scale" in sections:
         results["scale"] = {}
         run_scale(mode, runner, work, py, a.threads, checkpoint, results["scale"])
+    if "quality" in sections:
+        results["quality"] = {}
+        seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else mode["quality_seeds"]
+        names = [x.strip() for x in a.quality_splits.split(",") if x.strip()] if a.quality_splits else None
+        results["quality_seeds"] = seeds
+        run_quality(mode, runner, work, py, a.threads, seeds, names, a.jobs, checkpoint, results["quality"])
     checkpoint(final=True)
     print(f"[bench] wrote {a.results} and {a.markdown} in {results['seconds'] / 60:.1f} min")
     return 0
