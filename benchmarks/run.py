@@ -397,42 +397,42 @@ def run_quality(mode: dict, runner: Runner, work: Path, py: str, threads: int, s
     names = names or list(splits)
     epochs = [*(["--ref-epochs", str(mode["ref_epochs"])] if mode["ref_epochs"] is not None else []),
               *(["--query-epochs", str(mode["query_epochs"])] if mode["query_epochs"] is not None else [])]
-    for name in names:
+    # seed-major: a run stopped early still holds every split for the seeds it finished
+    for seed, name in [(s_, n_) for s_ in seeds for n_ in names]:
         split = splits[name]
         res = out.setdefault(name, {"simulated": prep.is_simulated(split), "seeds": {}})
-        for seed in seeds:
-            sim = prep.is_simulated(split)
-            d = work / "quality" / name / (f"seed{seed}" if sim else "data")
-            if sim or not (d / "query.h5ad").exists() or "data" not in res:
-                res["data"] = prep.prepare_quality(split, seed, d)
-            meta = res["data"]
-            sd = work / "quality" / name / f"seed{seed}"
-            entry = res["seeds"][str(seed)] = {"data": meta, "tools": {}}
-            t0 = time.perf_counter()
+        sim = prep.is_simulated(split)
+        d = work / "quality" / name / (f"seed{seed}" if sim else "data")
+        if sim or not (d / "query.h5ad").exists() or "data" not in res:
+            res["data"] = prep.prepare_quality(split, seed, d)
+        meta = res["data"]
+        sd = work / "quality" / name / f"seed{seed}"
+        entry = res["seeds"][str(seed)] = {"data": meta, "tools": {}}
+        t0 = time.perf_counter()
 
-            def one(proc, sd=sd, entry=entry, seed=seed):
-                pname, argv, dirs = proc
-                for t in dirs:
-                    shutil.rmtree(sd / t, ignore_errors=True)
-                    (sd / t).mkdir(parents=True)
-                run = runner.run(f"quality-{name}-s{seed}-{pname}", argv, allow_fail=True)
-                for t in dirs:  # a failed process may still have written the first tool's report
-                    f = sd / t / "report.json"
-                    rep = read_json(f) if f.exists() else {"error": run.get("error", "no report")}
-                    with lock:
-                        entry["tools"][t] = {"run": run, **{k: rep.get(k) for k in (
-                            "tool", "version", "model", "error", "reference", "query", "peak_rss_bytes", "n_genes")}}
+        def one(proc, sd=sd, entry=entry, seed=seed):
+            pname, argv, dirs = proc
+            for t in dirs:
+                shutil.rmtree(sd / t, ignore_errors=True)
+                (sd / t).mkdir(parents=True)
+            run = runner.run(f"quality-{name}-s{seed}-{pname}", argv, allow_fail=True)
+            for t in dirs:  # a failed process may still have written the first tool's report
+                f = sd / t / "report.json"
+                rep = read_json(f) if f.exists() else {"error": run.get("error", "no report")}
                 with lock:
-                    checkpoint()
-                return pname
+                    entry["tools"][t] = {"run": run, **{k: rep.get(k) for k in (
+                        "tool", "version", "model", "error", "reference", "query", "peak_rss_bytes", "n_genes")}}
+            with lock:
+                checkpoint()
+            return pname
 
-            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-                list(pool.map(one, _quality_processes(py, meta, sd, threads, seed, epochs)))
-            _score_seed(meta, sd, entry["tools"])
-            entry["seconds"] = time.perf_counter() - t0
-            res["aggregate"] = aggregate({s: {t: v["scores"] for t, v in e["tools"].items() if "scores" in v}
-                                          for s, e in res["seeds"].items()})
-            checkpoint()
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(one, _quality_processes(py, meta, sd, threads, seed, epochs)))
+        _score_seed(meta, sd, entry["tools"])
+        entry["seconds"] = time.perf_counter() - t0
+        res["aggregate"] = aggregate({s: {t: v["scores"] for t, v in e["tools"].items() if "scores" in v}
+                                      for s, e in res["seeds"].items()})
+        checkpoint()
     return out
 
 
