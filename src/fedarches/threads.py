@@ -40,7 +40,6 @@ DEFAULT_THREADS: dict[str, int | None] = {"training": 1, "inference": None}
 JOBS = tuple(DEFAULT_THREADS)
 
 _ACTIVE: ContextVar[int | None] = ContextVar("fedarches_threads", default=None)
-_PROCESS_LIMITS: list[ExitStack] = []
 
 
 def check_threads(threads: Any) -> int | None:
@@ -97,11 +96,19 @@ def limit_process_threads(threads: int) -> None:
     n = check_threads(threads)
     if n is None:
         raise SettingError("setting check failed: limit_process_threads needs a thread count, got None")
-    stack = ExitStack()
-    for pool in (_torch_threads, _native_threads, _faiss_threads, _numba_threads):
-        stack.enter_context(pool(n))
-    # held for the life of the process: a collected context-manager generator would restore its pool
-    _PROCESS_LIMITS.append(stack.pop_all())
+    # Set, not entered: nothing is left to restore at interpreter exit, when the
+    # libraries a restore would call may already be torn down.
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(limits=n)  # without ``with``: the limits stay
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:
+        faiss.omp_set_num_threads(n)
+    numba = sys.modules.get("numba")
+    if numba is not None and hasattr(numba, "set_num_threads"):
+        numba.set_num_threads(min(n, int(numba.config.NUMBA_NUM_THREADS)))
 
 
 def prefer_passive_wait() -> None:
