@@ -426,3 +426,21 @@ def test_classifier_probabilities_make_the_call_and_the_novelty_tests_stay():
     np.testing.assert_array_equal(res.novelty_score, plain.novelty_score)  # thresholds follow the neighbours
     with pytest.raises(LatentError):
         lt.predict(zq, classifier_probabilities=probs[:, :2])
+
+
+def test_population_statistic_rescues_a_population_and_ignores_a_lone_cell():
+    from fedarches.labels.query_shift import neighbourhood_median, study_groups
+
+    rng = np.random.default_rng(0)
+    known = rng.normal(0.0, 1.0, (200, 5))
+    new = rng.normal(8.0, 0.5, (60, 5))
+    z = np.vstack([known, new])
+    values = np.r_[np.full(200, 0.5), np.full(60, 1.2)]
+    values[5] = 3.0  # one known cell with a high score: its neighbours are known
+    values[200:210] = 0.9  # cells of the new population just inside the threshold
+    out = neighbourhood_median(z, values, study_groups(None, len(z)))
+    assert out[5] < 1.0  # a lone high cell does not fire the population statistic
+    assert np.all(out[200:210] > 1.0)  # the new population's cells inside the threshold are rescued
+    # a study too small for its own statistic keeps each cell's value
+    small = neighbourhood_median(z[:20], values[:20], study_groups(None, 20))
+    np.testing.assert_array_equal(small, values[:20])
