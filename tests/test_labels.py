@@ -444,3 +444,32 @@ def test_population_statistic_rescues_a_population_and_ignores_a_lone_cell():
     # a study too small for its own statistic keeps each cell's value
     small = neighbourhood_median(z[:20], values[:20], study_groups(None, 20))
     np.testing.assert_array_equal(small, values[:20])
+
+
+def test_small_labels_are_calibrated_for_new_cells_not_their_own():
+    """A small label of a new study is not flagged wholesale: its threshold is measured on
+    cells the Gaussian was not fitted on, and below ``own_shape_cells`` it borrows the
+    pooled shape and threshold instead of a shape 18 cells cannot fix."""
+    from fedarches.labels.novelty import own_shape_cells
+
+    rng = np.random.default_rng(3)
+    dims = 10
+    centers = rng.normal(0.0, 8.0, (4, dims))
+    sizes = [300, 300, 300, 18]
+
+    def draw(scale):
+        z = np.vstack([centers[t] + rng.normal(0.0, 1.0, (int(sizes[t] * scale), dims)) for t in range(4)])
+        return z, np.repeat(np.arange(4), [int(s * scale) for s in sizes])
+
+    z_ref, c_ref = draw(1.0)
+    z_new, c_new = draw(3.0)  # new cells of the same four types
+    g = ClassGaussianNovelty().fit(z_ref, c_ref, 4, fpr=0.01)
+    assert own_shape_cells(dims) == 30
+    small_rate = (g.score(z_new[c_new == 3]) > 1).mean()
+    assert small_rate <= 0.05, small_rate
+    big_rate = (g.score(z_new[c_new < 3]) > 1).mean()
+    assert big_rate <= 0.03, big_rate
+    # the old in-sample quantile of 18 cells flags many more new cells of the small type
+    d_own = np.sqrt(np.square((z_ref[c_ref == 3] - z_ref[c_ref == 3].mean(0)) @ g.whiten[3]).sum(1))
+    assert g.thresholds[3] > np.quantile(d_own, 0.99)
+
