@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load as st_load
 
+from fedarches.cli import main
 from fedarches.client import AtlasClient, map_and_contribute
 from fedarches.config import MapSettings
 from fedarches.errors import ConditionCollisionError, UnknownConditionError
@@ -165,6 +166,11 @@ def test_two_sites_map_batch1_and_embed_finds_each_sites_own(tmp_path):
             assert diff <= 1e-6, f"{name}: merged latent differs from its own site map by {diff}"
         with pytest.raises(UnknownConditionError, match="held by several sites"):
             merged.embed(sites["site-a"], "study")
+        sites["site-b"].write_h5ad(tmp_path / "b.h5ad")  # the CLI finds the site's own by --site
+        assert main(["embed", "--model", str(fetched.path), "--data", str(tmp_path / "b.h5ad"), "--condition-key",
+                     "study", "--site", "site-b", "--out", str(tmp_path / "b-embedded.h5ad")]) == 0
+        local = ad.read_h5ad(results["site-b"].query_path).obsm[LATENT_KEY]
+        assert float(np.abs(ad.read_h5ad(tmp_path / "b-embedded.h5ad").obsm[LATENT_KEY] - local).max()) <= 1e-6
         again = map_and_contribute(atlas_url=server.url, trust=atlas.root_json, key=tmp_path / "site-a" / "key",
                                    site="site-a", data=sites["site-a"], condition_key="study",
                                    out_dir=tmp_path / "again", settings=MapSettings(epochs=3, threads=1),

@@ -98,6 +98,18 @@ def test_key_rotation_is_signed_in_the_lineage(tmp_path, capsys):
     ]
 
 
+def test_rotation_without_a_signing_key_changes_nothing(atlas, tmp_path):
+    from fedarches.errors import AtlasKeyError
+    from test_atlas_support import tree_digest
+
+    atlas.enroll("site-a", keygen(tmp_path / "old").public)
+    (atlas.path / "keys" / "targets.pem").rename(tmp_path / "targets.pem")
+    before = tree_digest(atlas.path)
+    with pytest.raises(AtlasKeyError, match="targets"):
+        atlas.enroll("site-a", keygen(tmp_path / "new").public, replace=True)
+    assert tree_digest(atlas.path) == before
+
+
 # ------------------------------------------------------------------ key files
 def test_pem_with_two_keys_is_refused(atlas, tmp_path, capsys):
     a, b = tmp_path / "a.pub", tmp_path / "b.pub"

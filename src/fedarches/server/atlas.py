@@ -222,6 +222,8 @@ class Atlas:
         """
         key = as_public_key(public_key)
         with self._locked():
+            if replace:
+                self.repo.check_signers()  # a rotation must be publishable before sites.json changes
             entry = enroll_site(self._sites_json, site, key, replace=replace)
             self._publish_key_changes()
             return entry

@@ -287,6 +287,11 @@ class TufRepository:
         for p in self.repo_dir.rglob(TMP_GLOB):
             p.unlink(missing_ok=True)
 
+    def check_signers(self) -> None:
+        """Every online role key is there (raises ``AtlasKeyError`` naming the missing one)."""
+        for role in ROLES[1:]:
+            self.signer(role)
+
     def publish(self, files: dict[str, bytes], *, check: Iterable[str] | None = None) -> RepoState:
         """Add (or replace) target files and commit new targets, snapshot and timestamp.
 
@@ -296,8 +301,7 @@ class TufRepository:
         ``check`` (default: all of ``files``). A publish that fails removes the
         files it added, so the repository is as it was.
         """
-        for role in ROLES[1:]:
-            self.signer(role)
+        self.check_signers()
         state = self.current()
         check_metadata_dir(
             self.metadata_dir, state.root.signed.version, state.targets.signed.version, state.snapshot.signed.version
