@@ -67,26 +67,27 @@ def test_identical_resubmission_is_a_no_op_and_a_collision_is_refused(atlas):
     assert again.published == [] and again.unchanged == [f"<{len(a)} bytes>"]
     assert tree_digest(atlas.path) == before
     with pytest.raises(ConditionCollisionError, match="condition collision: 'qa'.*site-a"):
-        atlas.merge([bundle_for(atlas, kb, "site-b", ["qa"], seed=7)])
+        atlas.merge([bundle_for(atlas, ka, "site-a", ["qa"], seed=7)])  # a site adds its study once
     with pytest.raises(ConditionCollisionError, match="condition collision: 's0'"):
-        atlas.merge([bundle_for(atlas, kb, "site-b", ["s0"], seed=7)])
+        atlas.merge([bundle_for(atlas, kb, "site-b", ["s0"], seed=7)])  # reference studies are everyone's
     assert tree_digest(atlas.path) == before
 
 
-def test_two_bundles_claiming_one_name_refuse_both(atlas):
+def test_two_bundles_of_one_site_claiming_one_name_refuse_both(atlas):
     ka, kb, kc = (enrolled_key(atlas, s) for s in ("site-a", "site-b", "site-c"))
-    a = bundle_for(atlas, ka, "site-a", ["dup"], seed=1)
-    b = bundle_for(atlas, kb, "site-b", ["dup"], seed=2)
+    a1 = bundle_for(atlas, ka, "site-a", ["dup"], seed=1)
+    a2 = bundle_for(atlas, ka, "site-a", ["dup"], seed=2)
+    b = bundle_for(atlas, kb, "site-b", ["dup"], seed=4)  # another site's "dup" is its own
     c = bundle_for(atlas, kc, "site-c", ["fine"], seed=3)
     before = tree_digest(atlas.path)
     with pytest.raises(ConditionCollisionError, match="claimed by several bundles"):
-        atlas.merge([a, b, c])
+        atlas.merge([a1, a2, c])
     assert tree_digest(atlas.path) == before
-    r = atlas.merge([b, c, a], skip_invalid=True)
+    r = atlas.merge([a2, c, a1, b], skip_invalid=True)
     assert len(r.rejected) == 2 and all("dup" in x.error for x in r.rejected)
     assert {x.check for x in r.rejected} == {ConditionCollisionError.check}
-    assert [o.status for o in r.outcomes] == ["rejected", "accepted", "rejected"]
-    assert [c.name for c in r.published[0].conditions][-1] == "fine"
+    assert [o.status for o in r.outcomes] == ["rejected", "accepted", "rejected", "accepted"]
+    assert [(c.name, c.site) for c in r.published[0].conditions][-2:] == [("dup", "site-b"), ("fine", "site-c")]
 
 
 def test_unenrolled_and_wrongly_signed_bundles_are_refused(atlas, tmp_path, capsys):

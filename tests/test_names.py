@@ -208,12 +208,18 @@ def test_intake_refuses_bad_names(atlas, name, why):
 def test_intake_checks_against_the_target_and_within_the_bundle(atlas):
     ka, kb = enrolled_key(atlas, "site-a"), enrolled_key(atlas, "site-b")
     atlas.merge([forged_bundle(atlas, ka, "site-a", ["Study"])])
+    # a site's names are checked against its own conditions and the reference studies
     with pytest.raises(InvalidNameError, match="looks like existing name 'Study'"):
-        atlas.merge([forged_bundle(atlas, kb, "site-b", ["\u0405tudy"])])  # on version 1, lands on 2
+        atlas.merge([forged_bundle(atlas, ka, "site-a", ["\u0405tudy"])])  # on version 1, lands on 2
     with pytest.raises(ConditionCollisionError):
-        atlas.merge([forged_bundle(atlas, kb, "site-b", ["Study"])])  # the same name stays a collision
+        atlas.merge([forged_bundle(atlas, ka, "site-a", ["Study", "more"])])  # the same name stays a collision
+    with pytest.raises(InvalidNameError, match="differs only in case from existing name 's0'"):
+        atlas.merge([forged_bundle(atlas, kb, "site-b", ["S0"])])  # reference studies are everyone's
     with pytest.raises(InvalidNameError, match="differs only in case"):
         atlas.merge([forged_bundle(atlas, kb, "site-b", ["other", "OTHER"])])
+    # another site's name is no clash: site-b's "Study" is its own condition
+    (v3,) = atlas.merge([forged_bundle(atlas, kb, "site-b", ["Study"])]).published
+    assert [(c.name, c.site) for c in v3.conditions][-2:] == [("Study", "site-a"), ("Study", "site-b")]
 
 
 def test_skip_invalid_keeps_the_good_bundle(atlas):

@@ -61,6 +61,55 @@ def test_enroll_replace_rotates_and_records_the_old_key(atlas, tmp_path, capsys)
         atlas.enroll("site-b", old.public)
 
 
+def test_key_rotation_is_signed_in_the_lineage(tmp_path, capsys):
+    from fedarches.client import AtlasClient
+    from fedarches.format.version import LINEAGE_TARGET, KeyChange
+    from fedarches.server.registry import enroll_site
+    from test_atlas_support import Served, bundle_for, new_atlas
+
+    atlas = new_atlas(tmp_path)
+    old, new = keygen(tmp_path / "old"), keygen(tmp_path / "new")
+    assert b"key_changes" not in atlas.repo.read_target(LINEAGE_TARGET)  # no rotation: the bytes as before
+    atlas.enroll("site-a", old.public)
+    published = atlas.repo.current().timestamp.signed.version
+    assert atlas.lineage().key_changes == []
+    base = ["atlas", "enroll", str(atlas.path), "--site", "site-a", "--public-key", str(new.public), "--replace"]
+    code, out, _ = _run(capsys, base)
+    assert code == 0 and "signed lineage" in out
+    assert atlas.repo.current().timestamp.signed.version == published + 1  # published at once, no new version
+    replaced = read_registry(atlas.path / "sites.json").sites["site-a"].previous_keys[0].replaced
+    change = KeyChange(site="site-a", old_key_id=old.key_id, new_key_id=new.key_id, replaced=replaced)
+    assert atlas.lineage().key_changes == [change] and [e.number for e in atlas.log()] == [1]
+    served = Served(atlas.repository_dir)
+    try:  # a fresh site (or an auditor) sees it through TUF
+        assert AtlasClient(served.url, atlas.root_json, cache_dir=tmp_path / "site").lineage().key_changes == [change]
+    finally:
+        served.close()
+    code, out, _ = _run(capsys, ["atlas", "log", str(atlas.path)])
+    assert code == 0 and f"site 'site-a': key {old.key_id[:16]}... replaced by {new.key_id[:16]}..." in out
+    # a rotation whose lineage publish was missed (a crash after sites.json) is published by the next merge
+    keys_b = [generate_key() for _ in range(2)]
+    enroll_site(atlas.path / "sites.json", "site-b", keys_b[0].public)
+    enroll_site(atlas.path / "sites.json", "site-b", keys_b[1].public, replace=True)
+    assert len(atlas.lineage().key_changes) == 1
+    atlas.merge([bundle_for(atlas, load_site_key(tmp_path / "new"), "site-a", ["qa"])])
+    assert [(c.site, c.new_key_id) for c in atlas.lineage().key_changes] == [
+        ("site-a", new.key_id), ("site-b", keys_b[1].public.key_id)
+    ]
+
+
+def test_rotation_without_a_signing_key_changes_nothing(atlas, tmp_path):
+    from fedarches.errors import AtlasKeyError
+    from test_atlas_support import tree_digest
+
+    atlas.enroll("site-a", keygen(tmp_path / "old").public)
+    (atlas.path / "keys" / "targets.pem").rename(tmp_path / "targets.pem")
+    before = tree_digest(atlas.path)
+    with pytest.raises(AtlasKeyError, match="targets"):
+        atlas.enroll("site-a", keygen(tmp_path / "new").public, replace=True)
+    assert tree_digest(atlas.path) == before
+
+
 # ------------------------------------------------------------------ key files
 def test_pem_with_two_keys_is_refused(atlas, tmp_path, capsys):
     a, b = tmp_path / "a.pub", tmp_path / "b.pub"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 
-from fedarches.atomic import check_replaceable_dir, fsync_dir, replace_dir, staged_dir, write_text
+from fedarches.atomic import PRIVATE_FILE, check_replaceable_dir, fsync_dir, replace_dir, staged_dir, write_text
 from fedarches.config import MapSettings
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         adata.write_h5ad(tmp, compression="gzip")
+        os.chmod(tmp, PRIVATE_FILE)  # the site's cells: private whatever the umask
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

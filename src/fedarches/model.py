@@ -36,6 +36,7 @@ from fedarches.labels import KNNLabelTransfer, LabelTransferResult
 from fedarches.neighbours import encode_labels
 from fedarches.models.cvae import CVAE
 from fedarches.report import LabelTransferSummary, MapReport
+from fedarches.format.identity import ConditionIndex, condition_id
 from fedarches.format.model_dir import CONDITIONS, ModelManifest, REFERENCE, WEIGHTS, load_model_dir, save_model_dir
 from fedarches.threads import check_threads, thread_limits
 from fedarches.training import MatrixSource, ProjectedSource, TrainHistory, copy_module
@@ -131,6 +132,8 @@ class FedArchesModel:
         self.train_config = train_config
         self.reference = reference
         self.last_history: TrainHistory | None = None
+        # {condition id: (site, name)} recorded by the atlas version (format.identity); ids say the rest
+        self.condition_owners: dict[str, tuple[str, str]] = {}
 
     # ------------------------------------------------------------ properties
     @property
@@ -139,7 +142,11 @@ class FedArchesModel:
 
     @property
     def conditions(self) -> list[str]:
+        """Condition ids in one-hot order: a site's are ``"<site>/<name>"`` (``format.identity``)."""
         return self.module.conditions
+
+    def condition_index(self) -> ConditionIndex:
+        return ConditionIndex.from_ids(self.conditions, self.condition_owners)
 
     def __repr__(self) -> str:
         c = self.config
@@ -214,6 +221,7 @@ class FedArchesModel:
         *,
         settings: MapSettings | None = None,
         layer: str | None = None,
+        site: str | None = None,
         **legacy: Any,
     ) -> MapResult:
         """Architecture surgery + fine-tuning on a query, then embedding and label transfer.
@@ -223,14 +231,17 @@ class FedArchesModel:
         ``strategy``, ``epochs``, ``seed``, ``threads`` and ``progress`` still
         work and override ``settings`` (default progress: on). Returns the
         extended model (this one is left untouched), the query with latent and
-        predictions, and a typed report.
+        predictions, and a typed report. ``site``: whose data this is; its new
+        conditions get ids qualified by it, and names it already holds (or
+        reference studies) are not mapped again (``format.identity``).
         """
         settings = _map_settings(settings, legacy)
         strategy = settings.strategy
         key = condition_key or self.condition_key
         data, _ = _prepare(adata, self.config.kind, self.genes, key, layer)
-        known = set(self.conditions)
-        new = [c for c in ordered_conditions(adata.obs[key]) if c not in known]
+        names = self.condition_index()
+        ids = {c: names.resolve(c, site) for c in ordered_conditions(adata.obs[key])}
+        new = [c for c, cid in ids.items() if cid is None]
         if not new:
             raise NothingToMapError(
                 f"new condition check failed: every condition in {key!r} "
@@ -239,9 +250,10 @@ class FedArchesModel:
             )
         t_start = time.perf_counter()
         module = copy_module(self.module)
-        module.add_conditions(new)
+        ids.update({c: condition_id(site, c) for c in new})
+        module.add_conditions([ids[c] for c in new])
         index = {n: i for i, n in enumerate(module.conditions)}
-        cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
+        cond_idx = np.array([index[ids[c]] for c in data.conditions], dtype=np.int64)
         rows = np.nonzero(np.isin(data.conditions, new))[0]
         params = module.set_trainable(strategy)
         cfg = self.train_config.model_copy(update={
@@ -263,6 +275,7 @@ class FedArchesModel:
             p.requires_grad_(True)
         model = FedArchesModel(module, genes=self.genes, condition_key=self.condition_key,
                                train_config=self.train_config, label_key=self.label_key, reference=self.reference)
+        model.condition_owners = {**self.condition_owners, **({ids[c]: (site, c) for c in new} if site else {})}
         model.last_history = history
         with thread_limits(cfg.threads, "inference"):
             out = model._annotate(adata, data, cond_idx)
@@ -293,26 +306,32 @@ class FedArchesModel:
         return MapResult(model=model, adata=out, report=report)
 
     def embed(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None,
-              threads: int | None = None) -> ad.AnnData:
+              threads: int | None = None, site: str | None = None) -> ad.AnnData:
         """Latent (and label predictions) for cells of conditions the model holds; no training.
-        ``threads``: every thread pool's count (None: the measured default; ``fedarches.threads``)."""
+        ``threads``: every thread pool's count (None: the measured default; ``fedarches.threads``).
+        ``site``: whose data this is: its names find its own conditions, then the reference
+        studies (None: an id, or a name only one site uses; ``format.identity``)."""
         key = condition_key or self.condition_key
         data, _ = _prepare(adata, self.config.kind, self.genes, key, layer)
-        index = {n: i for i, n in enumerate(self.conditions)}
-        unknown = sorted(set(data.conditions) - set(index))
+        names = self.condition_index()
+        ids = {c: names.resolve(c, site) for c in sorted(set(data.conditions))}
+        unknown = [c for c, cid in ids.items() if cid is None]
         if unknown:
+            held = names.visible_names(site)
             raise UnknownConditionError(
-                f"known condition check failed: conditions {unknown} are not in the model (it holds {len(index)}: "
-                f"{', '.join(self.conditions[:8])}{'...' if len(index) > 8 else ''}); map them first "
+                f"known condition check failed: conditions {unknown} are not in the model"
+                f"{f' for site {site!r}' if site else ''} (it holds {len(held)}: "
+                f"{', '.join(held[:8])}{'...' if len(held) > 8 else ''}); map them first "
                 "(`fedarches map` on a single machine, `fedarches site map` at a site)"
             )
-        cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
+        index = {n: i for i, n in enumerate(self.conditions)}
+        cond_idx = np.array([index[ids[c]] for c in data.conditions], dtype=np.int64)
         with thread_limits(threads, "inference"):
             return self._annotate(adata, data, cond_idx)
 
     def get_latent(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None,
-                   threads: int | None = None) -> np.ndarray:
-        return np.asarray(self.embed(adata, condition_key, layer=layer, threads=threads).obsm[LATENT_KEY])
+                   threads: int | None = None, site: str | None = None) -> np.ndarray:
+        return np.asarray(self.embed(adata, condition_key, layer=layer, threads=threads, site=site).obsm[LATENT_KEY])
 
     def _latent(self, x: sp.csr_matrix, cond_idx: np.ndarray) -> np.ndarray:
         self.module.eval()
@@ -381,8 +400,10 @@ class FedArchesModel:
         if new:
             for tname, table in module.condition_tables().items():
                 table.add_conditions(new, torch.stack([merged[condition_key(tname, n)] for n in new]))
-        return FedArchesModel(module, genes=self.genes, condition_key=self.condition_key,
-                              train_config=self.train_config, label_key=self.label_key, reference=self.reference)
+        out = FedArchesModel(module, genes=self.genes, condition_key=self.condition_key,
+                             train_config=self.train_config, label_key=self.label_key, reference=self.reference)
+        out.condition_owners = dict(self.condition_owners)
+        return out
 
     # ------------------------------------------------------------------ files
     def manifest(self) -> ModelManifest:
@@ -408,7 +429,9 @@ class FedArchesModel:
     @classmethod
     def load(cls, path: str | Path) -> "FedArchesModel":
         manifest, blobs = load_model_dir(path)
-        return cls.from_blobs(manifest, blobs, source=str(path))
+        model = cls.from_blobs(manifest, blobs, source=str(path))
+        model.condition_owners = _recorded_owners(path, manifest)
+        return model
 
     @classmethod
     def from_blobs(cls, manifest: ModelManifest, blobs: dict[str, dict[str, torch.Tensor]],
@@ -500,3 +523,23 @@ def _accuracy_summary(adata: ad.AnnData, label_key: str, known: list[str]) -> La
         unseen_called_unknown=float(unknown[~is_known].mean()) if (~is_known).any() else None,
         known_called_unknown=float(unknown[is_known].mean()) if is_known.any() else None,
     )
+
+
+def _recorded_owners(path: str | Path, manifest: ModelManifest) -> dict[str, tuple[str, str]]:
+    """Owners from a fetched directory's ``atlas-version.json`` (what a pre-qualification id lacks).
+
+    A directory without one (a local model, a site's mapped ``model/``) relies
+    on what its ids say; a damaged one is checked where it matters (a site's
+    ``read_parent``), not here.
+    """
+    from fedarches.errors import FedarchesError
+    from fedarches.format.version import ATLAS_VERSION_FILE, AtlasVersion
+
+    file = Path(path) / ATLAS_VERSION_FILE
+    try:
+        version = AtlasVersion.from_bytes(file.read_bytes()) if file.is_file() else None
+    except (FedarchesError, OSError):
+        return {}
+    if version is None or list(version.model.conditions) != list(manifest.conditions):
+        return {}
+    return version.condition_index().owners()

@@ -7,6 +7,7 @@ imported only when a picture is drawn.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fedarches.atomic import PRIVATE_FILE, make_dirs
 from fedarches.errors import ModelDirError
 
 __all__ = [
@@ -155,8 +157,9 @@ def draw_atlas_umap(cells: UmapCells, out_png: Path, *, title: str, seed: int = 
     fig.suptitle(title)
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_png.parent)
     fig.savefig(out_png, dpi=110)
+    os.chmod(out_png, PRIVATE_FILE)  # a picture of the site's cells: private whatever the umask
     plt.close(fig)
     return out_png
 

@@ -133,7 +133,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     print(f"enrolled site {entry.site!r} with key {entry.key_id}")
     last = entry.previous_keys[-1] if entry.previous_keys else None
     if last is not None and last.replaced == entry.enrolled:
-        print(f"it replaced key {last.key_id} (refused from {last.replaced} on)")
+        print(f"it replaced key {last.key_id} (refused from {last.replaced} on); "
+              "the rotation is published in the signed lineage (`fedarches atlas log`)")
     return 0
 
 
@@ -162,6 +163,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
         return 0
+    _print_key_changes(atlas.lineage().key_changes)
     if not entries:
         print(f"atlas {atlas.name!r} has no versions yet (run `fedarches atlas build`)")
         return 0
@@ -174,6 +176,12 @@ def cmd_log(args: argparse.Namespace) -> int:
         for c in added:
             print(f"        {c.name}@{c.site}{_metric_note(c.metrics)}")
     return 0
+
+
+def _print_key_changes(changes) -> None:  # type: ignore[no-untyped-def]
+    """Key rotations from the signed lineage, newest first (versions follow)."""
+    for c in reversed(changes):
+        print(f"key   {c.replaced}  site {c.site!r}: key {c.old_key_id[:16]}... replaced by {c.new_key_id[:16]}...")
 
 
 # the scalar figures a version records per condition, as `atlas log` shows them

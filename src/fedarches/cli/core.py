@@ -77,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--condition-key", required=True)
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--layer", default=None)
+    p.add_argument("--site", default=None,
+                   help="whose data this is: its study names find that site's own conditions in an atlas version")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every pool: torch, BLAS, OpenMP, faiss, numba (default: measured, docs/THREADS.md)")
     plot_option(p)
@@ -130,13 +132,15 @@ def print_label_transfer(r) -> None:
 def cmd_embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fedarches.atomic import make_dirs
     from fedarches.mapping import write_h5ad
     from fedarches.model import FedArchesModel
 
     model = FedArchesModel.load(args.model)
-    out = model.embed(read_h5ad(args.data), args.condition_key, layer=args.layer, threads=args.threads)
+    out = model.embed(read_h5ad(args.data), args.condition_key, layer=args.layer, threads=args.threads,
+                      site=args.site)
     path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     write_h5ad(out, path)
     print(f"embedded {out.n_obs} cells -> {args.out}")
     draw_plot(args.plot, out, model, args.condition_key, f"fedarches embed: {args.out}")

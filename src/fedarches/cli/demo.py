@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedarches.atomic import PUBLIC_FILE, make_dirs, write_text
 from fedarches.data.conditions import ordered_conditions
 from fedarches.errors import InputDataError
 from fedarches.threads import limit_process_threads
@@ -165,8 +166,9 @@ def _prepare_out(path: Path) -> Path:
             if not (path / MARKER).is_file():
                 raise InputDataError(f"--out {path} is not empty and not a previous demo; choose another --out")
             shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).write_text("written by `fedarches demo`; the next demo run with this --out replaces it\n")
+    make_dirs(path)
+    write_text(path / MARKER, "written by `fedarches demo`; the next demo run with this --out replaces it\n",
+               mode=PUBLIC_FILE)
     return path
 
 
@@ -184,7 +186,7 @@ def _enroll_sites(args: argparse.Namespace, atlas: Any, site_studies: dict[str, 
         data = ad.concat(studies, merge="same") if len(studies) > 1 else studies[0]
         data.obs[ckey] = data.obs[ckey].astype("category").cat.reorder_categories(
             [str(s.obs[ckey].iloc[0]) for s in studies])
-        sdir.mkdir(parents=True)
+        make_dirs(sdir)
         data.write_h5ad(sdir / "data.h5ad")
         key = keygen(sdir / "keys")
         atlas.enroll(name, key.public)
@@ -240,7 +242,7 @@ def _run_flower(args: argparse.Namespace, atlas: Any, sites: list[Any], out: Pat
         if fed is not None:
             fed.stop()
         server.close()
-    (out / "flower" / "flwr-run.log").write_text(result.output)
+    write_text(out / "flower" / "flwr-run.log", result.output, mode=PUBLIC_FILE)
     return result, report_path
 
 
@@ -274,7 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()  # 1. data
     ref, site_studies, ckey, lkey, holdout = _split_user(args) if args.data else _split_generated(args)
-    (out / "data").mkdir()
+    make_dirs(out / "data")
     ref.write_h5ad(out / "data" / "reference.h5ad")
     console.print(f"[bold]data[/]: reference {ref.n_obs} cells x {ref.n_vars} genes, studies "
                   f"{', '.join(ordered_conditions(ref.obs[ckey]))}" + (f", without {holdout!r}" if holdout else ""))

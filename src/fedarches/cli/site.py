@@ -60,10 +60,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from fedarches.client import AtlasClient
+    from fedarches.format.identity import REFERENCE_SITE
 
     client = AtlasClient(args.atlas, args.trust, cache_dir=args.cache, site=args.site)
     f = client.fetch(args.out, args.version, replace_newer=args.force)
-    names = ", ".join(f.version.condition_names())
+    names = ", ".join(c.name if c.site == REFERENCE_SITE else f"{c.name}@{c.site}" for c in f.version.conditions)
     print(f"verified version {f.number} (id {f.id}) of atlas {f.version.atlas!r} -> {f.path}")
     print(f"conditions: {names}")
     return 0

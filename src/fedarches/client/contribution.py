@@ -20,16 +20,28 @@ from fedarches.config import Strategy
 from fedarches.errors import ContributionContentError, FrozenWeightsError
 from fedarches.format.canonical import tensor_sha256
 from fedarches.format.model_dir import CONDITIONS, WEIGHTS, load_model_dir
-from fedarches.format.tensor_keys import shared_key, split_condition_key
+from fedarches.format.identity import condition_id
+from fedarches.format.tensor_keys import condition_key, shared_key, split_condition_key
+
+
+def _own_name(cid: str, site: str | None) -> str:
+    """The site's own name for a new condition id (bundles carry names; intake qualifies them)."""
+    prefix = condition_id(site, "")
+    return cid[len(prefix):] if prefix and cid.startswith(prefix) else cid
 
 
 def contribution_tensors(
-    parent_dir: str | os.PathLike[str], site_model_dir: str | os.PathLike[str], strategy: Strategy
+    parent_dir: str | os.PathLike[str],
+    site_model_dir: str | os.PathLike[str],
+    strategy: Strategy,
+    site: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """What the site's model adds to (and, for branch strategies, changes in) the parent.
 
-    Returns ``(tensors, new_condition_names)`` with bundle keys. Raises
-    ``FrozenWeightsError`` when a ``conditions`` mapping moved any shared tensor.
+    Returns ``(tensors, new_condition_names)`` with bundle keys: the new
+    conditions under the site's own names (their ids in the site's model are
+    qualified by ``site``). Raises ``FrozenWeightsError`` when a ``conditions``
+    mapping moved any shared tensor.
     """
     pman, pblobs = load_model_dir(parent_dir)
     sman, sblobs = load_model_dir(site_model_dir)
@@ -45,7 +57,11 @@ def contribution_tensors(
     new = [c for c in sman.conditions if c not in held]
     if not new:
         raise ContributionContentError("contribution check failed: the site model adds no condition")
-    tensors = {k: t for k, t in sblobs[CONDITIONS].items() if split_condition_key(k)[1] in new}
+    tensors: dict[str, torch.Tensor] = {}
+    for k, t in sblobs[CONDITIONS].items():
+        table, cid = split_condition_key(k)
+        if cid in new:
+            tensors[condition_key(table, _own_name(cid, site))] = t
     changed: list[str] = []
     for blob in (WEIGHTS, CONDITIONS):
         for key, before in pblobs[blob].items():
@@ -60,7 +76,7 @@ def contribution_tensors(
             f"frozen weights check failed: strategy 'conditions' must leave every shared tensor byte-identical, "
             f"but {len(changed)} changed (first: {changed[0]}); refusing to sign this contribution"
         )
-    return tensors, new
+    return tensors, [_own_name(c, site) for c in new]
 
 
 __all__ = ["contribution_tensors"]

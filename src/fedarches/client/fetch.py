@@ -44,6 +44,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
+from fedarches.atomic import PRIVATE_DIR, PRIVATE_FILE, make_dirs, set_tree_modes
 from fedarches.client.transport import FetchFault, TimedFetcher
 from fedarches.errors import (
     DownloadError,
@@ -211,8 +212,8 @@ class AtlasClient:
         """An Updater over a copy of the cache; the copy replaces the cache only on success."""
         try:
             cache = self.cache_dir
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with open(cache.parent / f".{cache.name}.lock", "a+b") as lock:
+            make_dirs(cache.parent)
+            with _lock_file(cache.parent / f".{cache.name}.lock") as lock:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
                 old = cache.with_name(f".{cache.name}.old")
                 remove_stale_work_dirs(cache)
@@ -221,7 +222,7 @@ class AtlasClient:
                     if cache.exists():
                         shutil.copytree(cache, work, symlinks=True, dirs_exist_ok=True)
                     targets = work / "downloads"
-                    targets.mkdir(exist_ok=True)
+                    make_dirs(targets, PRIVATE_DIR)
                     try:
                         updater = Updater(
                             metadata_dir=str(work),
@@ -240,6 +241,7 @@ class AtlasClient:
                         ) from exc
                     yield updater
                     shutil.rmtree(targets, ignore_errors=True)
+                    set_tree_modes(work, PRIVATE_DIR)  # ngclient's files follow the umask
                     shutil.rmtree(old, ignore_errors=True)
                     if cache.exists():
                         os.replace(cache, old)
@@ -333,7 +335,7 @@ class AtlasClient:
         manifest, entry, blobs = self.fetch_blobs(version, branch=branch)
         target = Path(out_dir)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent)
             with _dir_lock(target.parent):
                 remove_stale_work_dirs(target)
                 path = write_model_dir(target, manifest, blobs, replace_newer=replace_newer)
@@ -355,6 +357,13 @@ def remove_stale_work_dirs(target: Path) -> None:
     for p in target.parent.iterdir():
         if p.name.startswith(prefix) and _WORK_SUFFIX.fullmatch(p.name[len(prefix):]) and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _lock_file(path: Path):  # type: ignore[no-untyped-def]
+    """The cache's lock file, 0600 whatever the umask (opened for flock)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)
+    return os.fdopen(fd, "r+b")
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import anndata as ad
 import numpy as np
 from pydantic import ValidationError
 
-from fedarches.atomic import replace_dir, staged_dir, write_bytes
+from fedarches.atomic import make_dirs, replace_dir, staged_dir, write_bytes
 from fedarches.client.contribution import contribution_tensors
 from fedarches.client.fetch import AtlasClient
 from fedarches.client.plan import ContributionPlan, plan_contribution
@@ -148,7 +148,8 @@ def map_local(
     parent = read_parent(parent_dir)
     adata = read_h5ad(data)
     out = check_out_dir(out_dir)
-    plan = plan_contribution(adata, condition_key, parent.condition_names(),
+    # the names this site resolves: its own conditions and the reference studies (format.identity)
+    plan = plan_contribution(adata, condition_key, parent.condition_index().visible_names(site),
                              conditions_per_round=settings.conditions_per_round)
     if plan.nothing_new:
         report = _site_report(STATUS_NOTHING_NEW, site, parent, plan, atlas_url)
@@ -158,9 +159,9 @@ def map_local(
     with staged_dir(out) as work:
         shutil.copytree(parent_dir, work / ATLAS_SUBDIR)
         model = FedArchesModel.load(work / ATLAS_SUBDIR)
-        res = model.map_query(query, condition_key, settings=settings)
+        res = model.map_query(query, condition_key, settings=settings, site=site)
         write_mapped(work, res)
-        tensors, new = contribution_tensors(work / ATLAS_SUBDIR, work / MODEL_SUBDIR, settings.strategy)
+        tensors, new = contribution_tensors(work / ATLAS_SUBDIR, work / MODEL_SUBDIR, settings.strategy, site)
         bundle = create_bundle(key=private, site=site, atlas=parent.atlas, parent=parent.id,
                                parent_number=parent.number, strategy=settings.strategy, tensors=tensors,
                                metrics=res.report.bundle_metrics())
@@ -192,7 +193,7 @@ def map_and_contribute(
     private = _resolve_key(key)  # fail on a bad key before any download or training
     client = AtlasClient(atlas_url, trust, cache_dir=cache_dir, site=site)
     out = check_out_dir(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch.", dir=out.parent))
     try:
         fetched = client.fetch(staging / ATLAS_SUBDIR, version)

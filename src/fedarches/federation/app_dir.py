@@ -15,7 +15,7 @@ from typing import Any
 
 import tomli_w
 
-from fedarches.atomic import write_text
+from fedarches.atomic import make_dirs, write_text
 from fedarches.federation.run_config import RunConfig
 
 SERVER_APP = "fedarches.federation.server_app:app"
@@ -56,7 +56,7 @@ def write_app_dir(path: str | Path) -> Path:
     ClientApp) and return ``path``. The directory name must be a valid Flower app
     name (letters, digits, hyphens)."""
     p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
+    make_dirs(p)
     write_text(p / "pyproject.toml", tomli_w.dumps(app_pyproject()))
     write_text(
         p / "README.md",

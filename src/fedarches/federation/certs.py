@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedarches.atomic import PRIVATE_DIR, PUBLIC_FILE, make_dirs, write_bytes
+
 DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
 
 
@@ -48,7 +50,7 @@ class SuperNodeKeyFiles:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent, PRIVATE_DIR)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -56,8 +58,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    write_bytes(path, data, mode=PUBLIC_FILE)
 
 
 def _san_entries(hosts: tuple[str, ...] | list[str]) -> list[x509.GeneralName]:
@@ -83,7 +84,7 @@ def make_tls_certificates(
     if not hosts:
         raise ValueError("make_tls_certificates: give at least one host name or address")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out, PRIVATE_DIR)
     now = _dt.datetime.now(_dt.timezone.utc)
     not_before = now - _dt.timedelta(minutes=5)
     not_after = now + _dt.timedelta(days=days)

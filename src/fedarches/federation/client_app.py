@@ -19,6 +19,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from fedarches.atomic import PRIVATE_DIR, make_dirs
 from fedarches.errors import DataFileError, FedarchesError, TrustRootError, UnknownVersionError
 from fedarches.federation.protocol import (
     ERROR_INTERNAL,
@@ -59,7 +60,7 @@ def handle_request(site: SiteConfig, request: MapRequest) -> MapReply:
     if not site.data.is_file():
         raise DataFileError(f"data file check failed: site data {site.data} does not exist (node config 'data')")
     results = site.results_dir
-    results.mkdir(parents=True, exist_ok=True)
+    make_dirs(results, PRIVATE_DIR)
     client = AtlasClient(request.atlas_url, _trust_root(site, request), cache_dir=results / ".tuf-cache")
     fetched = client.fetch(results / "atlas" / f"v{request.version}", request.version)
     if fetched.id != request.version_id:

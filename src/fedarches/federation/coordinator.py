@@ -151,8 +151,7 @@ def run_round(grid: Grid, atlas: Any, cfg: RunConfig, url: str, rnd: int, run_di
         _log_reply(rnd, outcome)
         if outcome.status == STATUS_CONTRIBUTED and parsed is not None:
             path = run_dir / f"round-{rnd}" / f"{len(sent):02d}-{_safe_name(outcome.site)}.contribution.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes(path, parsed.bundle)
+            write_bytes(path, parsed.bundle)  # makes the round folder (0755)
             outcome.bundle_file = str(path)
             sent.append((path, outcome))
     answered = {o.node_id for o in report.sites}
@@ -215,5 +214,4 @@ def run_coordinator(grid: Grid, run_config: RunConfig | dict[str, Any], run_id: 
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))

@@ -48,6 +48,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedarches.atomic import PUBLIC_FILE, write_text
 from fedarches.client.site import STATUS_CONTRIBUTED, STATUS_NOTHING_NEW
 from fedarches.errors import FedarchesError, ProtocolError, SettingError
 from fedarches.format.bundle import MAX_BUNDLE_BYTES
@@ -289,8 +290,7 @@ def write_sim_sites(path: str | os.PathLike[str], sites: list[SiteConfig]) -> Pa
     import tomli_w
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(tomli_w.dumps({"site": [s.to_node_config() for s in sites]}))
+    write_text(p, tomli_w.dumps({"site": [s.to_node_config() for s in sites]}), mode=PUBLIC_FILE)
     return p
 
 

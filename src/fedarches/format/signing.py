@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel
 
-from fedarches.atomic import write_bytes
+from fedarches.atomic import PRIVATE_DIR, make_dirs, write_bytes
 from fedarches.errors import CanonicalJSONError, KeyFileError, SignatureError
 from fedarches.format.canonical import canonical_json
 
@@ -137,7 +137,7 @@ def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> Path:
             f"key file check failed: {p} already exists; refusing to overwrite a private key "
             "(move it away first if you really mean to replace it)"
         )
-    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(p.parent, PRIVATE_DIR)
     _write_new_file(p, key.pem(), 0o600)
     return p
 
@@ -276,7 +276,7 @@ def keygen(out_dir: str | os.PathLike[str]) -> SiteKeyPaths:
             "(use it, or choose another --out)"
         )
     key = generate_key()
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(d, PRIVATE_DIR)
     write_private_key(priv, key)
     pub = write_public_key(d / PUBLIC_KEY_FILE, key.public)
     return SiteKeyPaths(private=priv, public=pub, key_id=key.public.key_id)

@@ -39,13 +39,14 @@ from fedarches.errors import (
     VersionManifestError,
 )
 from fedarches.format.canonical import canonical_json, parse_json_bounded, sha256_bytes, validation_summary
+from fedarches.format.identity import REFERENCE_SITE as REFERENCE_SITE  # re-exported: where it always was
+from fedarches.format.identity import Condition, ConditionIndex, condition_id
 from fedarches.format.model_dir import MANIFEST, MAX_MANIFEST_BYTES, ModelManifest, load_model_dir, read_manifest
 
 VERSION_FORMAT = "fedarches.atlas-version/1"
 LINEAGE_FORMAT = "fedarches.lineage/1"
 LINEAGE_TARGET = "lineage.json"
 MAIN_BRANCH = "main"
-REFERENCE_SITE = "coordinator"
 ATLAS_VERSION_FILE = "atlas-version.json"
 
 Metric = Union[bool, int, float, str]
@@ -104,17 +105,28 @@ class AtlasVersion(BaseModel):
         return sha256_bytes(self.canonical())
 
     def condition_names(self) -> list[str]:
+        """The names as their sites gave them (two sites' ``batch1`` appear twice)."""
         return [c.name for c in self.conditions]
 
+    def condition_index(self) -> ConditionIndex:
+        """Each condition's id in the model with its recorded owner (``format.identity``)."""
+        return ConditionIndex([Condition(i, c.site, c.name) for i, c in zip(self.model.conditions, self.conditions)])
+
     def check(self) -> None:
-        """Internal consistency: the records, the model manifest and the blob list agree."""
-        names = self.condition_names()
-        if names != list(self.model.conditions):
+        """Internal consistency: the records, the model manifest and the blob list agree.
+
+        The model stores record ``{name, site}`` under ``condition_id(site, name)``,
+        or under the bare name in versions published before ids were qualified.
+        """
+        ids = list(self.model.conditions)
+        if len(ids) != len(self.conditions) or any(
+            i not in (c.name, condition_id(c.site, c.name)) for i, c in zip(ids, self.conditions)
+        ):
             raise VersionManifestError(
-                f"version manifest check failed: version {self.number} lists conditions {names} "
-                f"but its model holds {self.model.conditions}"
+                f"version manifest check failed: version {self.number} lists conditions "
+                f"{[(c.site, c.name) for c in self.conditions]} but its model holds {ids}"
             )
-        if len(set(names)) != len(names):
+        if len(set(ids)) != len(ids) or len({(c.site, c.name) for c in self.conditions}) != len(ids):
             raise VersionManifestError(f"version manifest check failed: version {self.number} repeats a condition")
         if {k: v.sha256 for k, v in self.blobs.items()} != dict(self.model.files):
             raise VersionManifestError(
@@ -157,14 +169,42 @@ class LineageEntry(BaseModel):
     published: str = Field(description="UTC time the coordinator published it (not part of the id)")
 
 
+class KeyChange(BaseModel):
+    """A site key rotation (``atlas enroll --replace``) as the signed lineage records it.
+
+    Why in the lineage: ``sites.json`` is integrity-protected but private to the
+    coordinator; the lineage is a signed TUF target every site and auditor can
+    fetch, so who replaced which key, and when, is verifiable from outside.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site: str
+    old_key_id: str
+    new_key_id: str
+    replaced: str = Field(description="UTC time the old key stopped being accepted")
+
+
 class Lineage(BaseModel):
-    """All published versions, oldest first. Published as the ``lineage.json`` target."""
+    """All published versions, oldest first. Published as the ``lineage.json`` target.
+
+    ``key_changes``: every site key rotation, oldest first (``KeyChange``);
+    left out of the bytes while empty, so a lineage without rotations is
+    byte-identical to one written before rotations were recorded.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["fedarches.lineage/1"] = LINEAGE_FORMAT
     atlas: str
     versions: list[LineageEntry] = []
+    key_changes: list[KeyChange] = []
+
+    def canonical(self) -> bytes:
+        doc = self.model_dump(mode="json")
+        if not doc["key_changes"]:
+            del doc["key_changes"]
+        return canonical_json(doc)
 
     def by_number(self, number: int) -> LineageEntry:
         for v in self.versions:

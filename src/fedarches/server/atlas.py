@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fedarches.atomic import write_bytes
+from fedarches.atomic import PRIVATE_FILE, PUBLIC_DIR, PUBLIC_FILE, make_dirs, write_bytes
 from fedarches.config import TrainConfig
 from fedarches.errors import AtlasDirError, InvalidNameError, LineageError, ParentError, ReferenceExistsError, UnknownVersionError
 from fedarches.format.bundle import BundleSource
@@ -44,7 +44,15 @@ from fedarches.server.intake import Intake, VerifiedBundle, verify_bundle
 from fedarches.server.merge import MergeResult, merge_bundles
 from fedarches.server.publish import publish_versions, reference_version
 from fedarches.server.reference import ReferenceBuild, build_reference
-from fedarches.server.registry import EnrolledSite, SiteRegistry, as_public_key, enroll_site, read_registry, write_registry
+from fedarches.server.registry import (
+    EnrolledSite,
+    SiteRegistry,
+    as_public_key,
+    enroll_site,
+    key_changes,
+    read_registry,
+    write_registry,
+)
 from fedarches.server.repository import ExpiryPolicy, RepoState, TufRepository, utc_timestamp
 from fedarches.server.store import VersionStore
 
@@ -105,8 +113,8 @@ def _make_public_dirs(p: Path) -> None:
     """
     for d in (p, p / "repository", p / "repository" / "metadata", p / "repository" / "targets",
               p / "repository" / "targets" / "versions", p / "repository" / "targets" / "blobs"):
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o755)
+        make_dirs(d, PUBLIC_DIR)
+        os.chmod(d, PUBLIC_DIR)  # also a given empty folder
 
 
 class Atlas:
@@ -146,14 +154,14 @@ class Atlas:
         p = Path(path)
         _check_new_dir(p, name)
         _make_public_dirs(p)
-        write_bytes(p / ".lock", b"", mode=0o600)
+        write_bytes(p / ".lock", b"", mode=PRIVATE_FILE)
         config = AtlasConfig(name=name, created=utc_timestamp(), expiry=expiry or ExpiryPolicy())
         repo = TufRepository.create(p / "repository", p / "keys", config.expiry)
-        repo.publish({LINEAGE_TARGET: canonical_json(Lineage(atlas=name, versions=[]))})
+        repo.publish({LINEAGE_TARGET: Lineage(atlas=name, versions=[]).canonical()})
         write_registry(p / "sites.json", SiteRegistry())
-        write_bytes(p / "root.json", repo.root_bytes(1), mode=0o644)
+        write_bytes(p / "root.json", repo.root_bytes(1), mode=PUBLIC_FILE)
         # atlas.json last: a directory without it is an interrupted init, not an atlas.
-        write_bytes(p / "atlas.json", canonical_json(config), mode=0o644)
+        write_bytes(p / "atlas.json", canonical_json(config), mode=PUBLIC_FILE)
         return cls(p)
 
     @contextlib.contextmanager
@@ -207,12 +215,29 @@ class Atlas:
         """Record ``site``'s public key; only bundles it signs are accepted from ``site`` (``registry``).
 
         ``replace=True`` rotates the key of an enrolled site; the old key id is
-        kept in ``sites.json`` (not in the signed lineage: a rotation publishes
-        nothing).
+        kept in ``sites.json`` and the rotation is published at once in the
+        signed lineage (``Lineage.key_changes``: one TUF commit, no new
+        version). Should that publish fail, the rotation still holds and the
+        next enrol, merge or build publishes it.
         """
         key = as_public_key(public_key)
         with self._locked():
-            return enroll_site(self._sites_json, site, key, replace=replace)
+            if replace:
+                self.repo.check_signers()  # a rotation must be publishable before sites.json changes
+            entry = enroll_site(self._sites_json, site, key, replace=replace)
+            self._publish_key_changes()
+            return entry
+
+    def _signed_lineage(self, state: RepoState, registry: SiteRegistry | None = None) -> Lineage:
+        """The lineage to publish next: the current one with every key rotation the registry holds."""
+        registry = registry if registry is not None else read_registry(self._sites_json)
+        return self.lineage(state).model_copy(update={"key_changes": key_changes(registry)})
+
+    def _publish_key_changes(self) -> None:
+        state = self.repo.current()
+        signed = self._signed_lineage(state)
+        if signed != self.lineage(state):
+            self.repo.publish({LINEAGE_TARGET: signed.canonical()})
 
     def _intake(self, state: RepoState) -> Intake:
         return Intake(self.name, self.lineage(state), read_registry(self._sites_json), VersionStore(self.repo, state))
@@ -227,9 +252,10 @@ class Atlas:
         All-or-nothing by default: the first failing check raises and nothing
         is published. With ``skip_invalid=True`` (the Flower server: one bad
         site must not sink a round) failing bundles are listed in
-        ``rejected`` and the rest are merged; two bundles claiming the same
-        condition name are then both rejected, so the outcome does not depend
-        on which arrived first.
+        ``rejected`` and the rest are merged; two bundles of one site claiming
+        the same condition name are then both rejected, so the outcome does not
+        depend on which arrived first (other sites' names never clash:
+        ``format.identity``).
         """
         with self._locked():
             state = self.repo.current()
@@ -241,7 +267,7 @@ class Atlas:
             return merge_bundles(
                 sources,
                 intake,
-                lambda plans: publish_versions(self.repo, state, intake.lineage, plans),
+                lambda plans: publish_versions(self.repo, state, self._signed_lineage(state, intake.registry), plans),
                 lambda: self.head(MAIN_BRANCH),
                 skip_invalid=skip_invalid,
             )
@@ -261,7 +287,7 @@ class Atlas:
         with self._locked():
             state = self.repo.current()
             self._refuse_second_reference(state)
-            return publish_versions(self.repo, state, self.lineage(state), [(version, blobs)])[0]
+            return publish_versions(self.repo, state, self._signed_lineage(state), [(version, blobs)])[0]
 
     def build(
         self,

@@ -25,8 +25,9 @@ from fedarches.errors import (
 from fedarches.format.bundle import Bundle, BundleSource, check_size, read_bundle
 from fedarches.format.conditions import merge_conditions, table_templates
 from fedarches.format.model_dir import CONDITIONS, WEIGHTS
+from fedarches.format.identity import condition_id
 from fedarches.format.names import check_new_names
-from fedarches.format.tensor_keys import condition_key
+from fedarches.format.tensor_keys import condition_key, split_condition_key
 from fedarches.format.version import AtlasVersion, Lineage
 from fedarches.server.registry import SiteRegistry
 from fedarches.server.store import VersionStore
@@ -59,8 +60,30 @@ class VerifiedBundle:
         return list(self.bundle.manifest.conditions)
 
     @property
+    def condition_ids(self) -> list[str]:
+        """The ids the bundle's conditions get in the atlas (qualified by the signing site)."""
+        return [condition_id(self.site, n) for n in self.conditions]
+
+    def condition_tensors(self) -> dict[str, torch.Tensor]:
+        return site_condition_tensors(self.bundle)
+
+    @property
     def is_branch(self) -> bool:
         return self.bundle.manifest.strategy != "conditions"
+
+
+def site_condition_tensors(bundle: Bundle) -> dict[str, torch.Tensor]:
+    """The bundle's condition vectors keyed by their atlas ids.
+
+    The site signs its own names; the identity is (signing site, name), so the
+    site prefix comes from the verified signer, never from the bundle's text.
+    """
+    site = bundle.manifest.site
+    out: dict[str, torch.Tensor] = {}
+    for key, t in bundle.condition_tensors().items():
+        table, name = split_condition_key(key)
+        out[condition_key(table, condition_id(site, name))] = t
+    return out
 
 
 @dataclass(frozen=True)
@@ -120,17 +143,27 @@ def landing_version(bundle: Bundle, parent: AtlasVersion, intake: Intake) -> Atl
 
 
 def check_collision(bundle: Bundle, target: AtlasVersion) -> None:
+    """A site's new names must differ from its own conditions and the reference studies.
+
+    Other sites' names are no clash: the identity is (site, name), so site A
+    publishing "B's study" makes A's own condition and never blocks B.
+    """
     m = bundle.manifest
-    existing = {c.name: c for c in target.conditions}
+    visible = target.condition_index().visible(m.site)
+    existing = {c.name: c for c in visible}
     clash = [n for n in m.conditions if n in existing]
     if clash:
         c = existing[clash[0]]
         raise ConditionCollisionError(
             f"condition collision: {clash[0]!r} from site {m.site!r} is already in atlas version "
-            f"{target.number} (contributed by {c.site!r} in version {c.introduced_in}); "
-            "rename the query study (the --condition-key values) and map again"
+            f"{target.number} (contributed by {c.site!r} in version "
+            f"{_introduced(target, c.id)}); rename the query study (the --condition-key values) and map again"
         )
     check_new_names(m.conditions, kind="condition", existing=existing)  # case and look-alike clashes
+
+
+def _introduced(version: AtlasVersion, cid: str) -> int:
+    return version.conditions[list(version.model.conditions).index(cid)].introduced_in
 
 
 def check_condition_tensors(bundle: Bundle, parent: AtlasVersion, cond: dict[str, torch.Tensor]) -> None:
@@ -143,7 +176,8 @@ def check_condition_tensors(bundle: Bundle, parent: AtlasVersion, cond: dict[str
             f"tensor shape check failed: bundle {bundle.source} must hold exactly {sorted(expected)} "
             f"(one vector per condition table of version {parent.number}); it holds {sorted(got)}"
         )
-    merge_conditions(parent.model.conditions, cond, [bundle.condition_tensors()], tables=tables)
+    merge_conditions([], {}, [bundle.condition_tensors()], tables=tables)  # shapes, named as the bundle has them
+    merge_conditions(parent.model.conditions, cond, [site_condition_tensors(bundle)], tables=tables)  # ids
 
 
 def check_shared_tensors(bundle: Bundle, parent: AtlasVersion, cond: dict[str, torch.Tensor], store: VersionStore) -> None:

@@ -4,8 +4,8 @@ A bundle built with strategy ``conditions`` changes only its own condition
 vectors, so it can join any version on its parent's branch that has the same
 shared weights. Bundles land on the head of their parent's branch; several
 bundles merge in one step into one new version whose parents are that head
-plus the bundles' parents, sorted, and whose new conditions are sorted by name
-(``format.conditions.merge_conditions``), so the order of the bundles cannot
+plus the bundles' parents, sorted, and whose new conditions are sorted by id
+(``format.conditions.merge_conditions``; ids qualified by site, ``format.identity``), so the order of the bundles cannot
 change the version id. Bundles whose strategy touched shared weights
 (``input-layers``, ``full``) become a branch of their own, parented on the
 version they were built on. Nothing here writes: ``server/publish.py`` does.
@@ -96,9 +96,9 @@ def plan_merge(atlas: str, group: list[VerifiedBundle], number: int, store: Vers
     """One new version on ``group``'s common target holding every group member's conditions."""
     target = group[0].target
     cond = store.tensors(target, CONDITIONS)
-    names, merged = merge_conditions(target.model.conditions, cond, [v.bundle.condition_tensors() for v in group])
-    by_name = {r.name: r for v in group for r in _records(v, number)}
-    new_records = [by_name[n] for n in names[len(target.model.conditions) :]]
+    names, merged = merge_conditions(target.model.conditions, cond, [v.condition_tensors() for v in group])
+    by_id = {i: r for v in group for i, r in zip(v.condition_ids, _records(v, number))}
+    new_records = [by_id[n] for n in names[len(target.model.conditions) :]]
     cond_bytes = save_tensors(merged)
     files = {**target.model.files, CONDITIONS: sha256_bytes(cond_bytes)}
     model = target.model.model_copy(update={"conditions": names, "files": files})
@@ -137,7 +137,7 @@ def plan_branch(
     for (blob, key), t in v.bundle.shared_tensors().items():
         tensors[blob][key] = t
     names, tensors[CONDITIONS] = merge_conditions(
-        parent.model.conditions, tensors[CONDITIONS], [v.bundle.condition_tensors()]
+        parent.model.conditions, tensors[CONDITIONS], [v.condition_tensors()]
     )
     blobs = {name: save_tensors(ts) for name, ts in tensors.items()}
     files = {name: sha256_bytes(b) for name, b in blobs.items()}
@@ -159,10 +159,13 @@ def plan_branch(
 
 
 def refuse_shared_names(members: list[VerifiedBundle]) -> tuple[list[VerifiedBundle], list[VerifiedBundle], str]:
-    """Split one step's bundles into (kept, refused, why): two bundles naming one condition are both refused."""
+    """Split one step's bundles into (kept, refused, why): two bundles claiming one condition id are both refused.
+
+    Ids are qualified by site, so only two bundles of one site can meet here.
+    """
     owners: dict[str, list[VerifiedBundle]] = {}
     for v in members:
-        for n in v.conditions:
+        for n in v.condition_ids:
             owners.setdefault(n, []).append(v)
     dup = next((n for n, vs in owners.items() if len(vs) > 1), None)
     if dup is None:
@@ -170,7 +173,7 @@ def refuse_shared_names(members: list[VerifiedBundle]) -> tuple[list[VerifiedBun
     bad = {id(v) for vs in owners.values() if len(vs) > 1 for v in vs}
     msg = (
         f"condition collision: {dup!r} is claimed by several bundles in one merge "
-        f"(sites {sorted({v.site for v in owners[dup]})}); rename the studies so each condition name is unique"
+        f"(sites {sorted({v.site for v in owners[dup]})}); a site adds each study once: merge one of them"
     )
     return [v for v in members if id(v) not in bad], [v for v in members if id(v) in bad], msg
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedarches.errors import RepositoryError
-from fedarches.format.canonical import canonical_json, sha256_bytes
+from fedarches.format.canonical import sha256_bytes
 from fedarches.format.metrics import sanitize_metrics
 from fedarches.format.model_dir import load_model_dir
 from fedarches.format.version import (
@@ -72,7 +72,7 @@ def publish_versions(
         entry = entry_for(version, lineage, now)
         lineage = lineage.model_copy(update={"versions": [*lineage.versions, entry]})
         entries.append(entry)
-    files[LINEAGE_TARGET] = canonical_json(lineage)
+    files[LINEAGE_TARGET] = lineage.canonical()
     # a fresh site must get the lineage and every new manifest; blobs are bound to them by hash
     repo.publish(files, check=[LINEAGE_TARGET, *(version_target(v.id) for v, _ in versions)])
     return entries

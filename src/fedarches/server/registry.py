@@ -24,12 +24,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fedarches.atomic import write_bytes
+from fedarches.atomic import PRIVATE_DIR, PRIVATE_FILE, make_dirs, write_bytes
 from fedarches.errors import AtlasDirError, EnrollmentError
 from fedarches.format.canonical import canonical_json
 from fedarches.format.names import check_name
 from fedarches.format.signing import PublicKey, load_public_key, public_key_from_pem, read_key_file
-from fedarches.format.version import REFERENCE_SITE
+from fedarches.format.version import REFERENCE_SITE, KeyChange
 from fedarches.server.repository import utc_timestamp
 
 SITES_FORMAT = "fedarches.sites/1"
@@ -97,8 +97,8 @@ def _secret_for_write(sites_json: Path) -> bytes:
     if secret is None:
         secret = secrets.token_bytes(_REGISTRY_KEY_BYTES)
         keys = registry_key_path(sites_json).parent
-        keys.mkdir(mode=0o700, exist_ok=True)
-        write_bytes(keys / REGISTRY_KEY_FILE, secret, mode=0o600)
+        make_dirs(keys, PRIVATE_DIR)
+        write_bytes(keys / REGISTRY_KEY_FILE, secret, mode=PRIVATE_FILE)
     return secret
 
 
@@ -136,7 +136,18 @@ def read_registry(path: Path) -> SiteRegistry:
 def write_registry(path: Path, registry: SiteRegistry) -> None:
     """Write ``registry`` with its integrity code (creating ``keys/registry.key`` on first use)."""
     sealed = registry.model_copy(update={"mac": _mac(_secret_for_write(path), registry)})
-    write_bytes(path, canonical_json(sealed), mode=0o600)
+    write_bytes(path, canonical_json(sealed), mode=PRIVATE_FILE)
+
+
+def key_changes(registry: SiteRegistry) -> list[KeyChange]:
+    """Every rotation the registry holds, oldest first (what the signed lineage records)."""
+    out = []
+    for site in registry.sites.values():
+        keys = [r.key_id for r in site.previous_keys] + [site.key_id]
+        for i, retired in enumerate(site.previous_keys):
+            out.append(KeyChange(site=site.site, old_key_id=retired.key_id, new_key_id=keys[i + 1],
+                                 replaced=retired.replaced))
+    return sorted(out, key=lambda c: (c.replaced, c.site, c.old_key_id))
 
 
 def as_public_key(public_key: PublicKey | str | os.PathLike[str] | bytes) -> PublicKey:

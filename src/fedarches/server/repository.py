@@ -62,7 +62,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from fedarches.atomic import fsync_dir, write_bytes
+from fedarches.atomic import PRIVATE_DIR, PUBLIC_DIR, PUBLIC_FILE, fsync_dir, make_dirs, write_bytes
 from fedarches.errors import AtlasKeyError, HashError, MetadataError, RepositoryError as AtlasRepositoryError, SignatureError
 from fedarches.format.signing import generate_key, load_private_key, write_private_key
 from fedarches.format.canonical import sha256_bytes, sha256_file
@@ -109,7 +109,7 @@ def checkpoint(name: str) -> None:
 def atomic_write(path: Path, data: bytes, *, pause: str | None = None) -> None:
     """``fedarches.atomic.write_bytes`` (0644), stopping at checkpoint ``pause`` before the rename."""
     try:
-        write_bytes(path, data, mode=0o644, before_replace=(lambda: checkpoint(pause)) if pause else None)
+        write_bytes(path, data, mode=PUBLIC_FILE, before_replace=(lambda: checkpoint(pause)) if pause else None)
     except OSError as exc:
         if exc.filename is None:  # a refused write or fsync names no file: say which one
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
@@ -195,8 +195,8 @@ class TufRepository:
     def create(cls, repo_dir: Path, keys_dir: Path, expiry: ExpiryPolicy) -> TufRepository:
         """Generate role keys and publish root v1 with empty targets."""
         repo = cls(repo_dir, keys_dir, expiry)
-        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(keys_dir, 0o700)
+        make_dirs(keys_dir, PRIVATE_DIR)
+        os.chmod(keys_dir, PRIVATE_DIR)  # also when it existed
         for role in ROLES:
             write_private_key(repo._key_path(role), generate_key())
         now = _now()
@@ -205,8 +205,8 @@ class TufRepository:
             root.add_key(repo.signer(role).public_key, role)
         root_md: Metadata[Root] = Metadata(root)
         root_md.sign(repo.signer("root"))
-        repo.metadata_dir.mkdir(parents=True, exist_ok=True)
-        repo.targets_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(repo.metadata_dir, PUBLIC_DIR)
+        make_dirs(repo.targets_dir, PUBLIC_DIR)
         atomic_write(repo.metadata_dir / "1.root.json", root_md.to_bytes(_SERIALIZER))
         targets_md: Metadata[Targets] = Metadata(Targets(expires=now + timedelta(seconds=expiry.targets)))
         snapshot_md: Metadata[Snapshot] = Metadata(Snapshot(expires=now + timedelta(seconds=expiry.snapshot)))
@@ -287,6 +287,11 @@ class TufRepository:
         for p in self.repo_dir.rglob(TMP_GLOB):
             p.unlink(missing_ok=True)
 
+    def check_signers(self) -> None:
+        """Every online role key is there (raises ``AtlasKeyError`` naming the missing one)."""
+        for role in ROLES[1:]:
+            self.signer(role)
+
     def publish(self, files: dict[str, bytes], *, check: Iterable[str] | None = None) -> RepoState:
         """Add (or replace) target files and commit new targets, snapshot and timestamp.
 
@@ -296,8 +301,7 @@ class TufRepository:
         ``check`` (default: all of ``files``). A publish that fails removes the
         files it added, so the repository is as it was.
         """
-        for role in ROLES[1:]:
-            self.signer(role)
+        self.check_signers()
         state = self.current()
         check_metadata_dir(
             self.metadata_dir, state.root.signed.version, state.targets.signed.version, state.snapshot.signed.version
