@@ -179,6 +179,7 @@ def _enroll_sites(args: argparse.Namespace, atlas: Any, site_studies: dict[str, 
 
     from fedarches.federation.protocol import SiteConfig
     from fedarches.format.signing import keygen
+    from fedarches.mapping import write_h5ad
 
     sites: list[SiteConfig] = []
     for name, studies in site_studies.items():
@@ -187,7 +188,7 @@ def _enroll_sites(args: argparse.Namespace, atlas: Any, site_studies: dict[str, 
         data.obs[ckey] = data.obs[ckey].astype("category").cat.reorder_categories(
             [str(s.obs[ckey].iloc[0]) for s in studies])
         make_dirs(sdir)
-        data.write_h5ad(sdir / "data.h5ad")
+        write_h5ad(data, sdir / "data.h5ad")  # mode 0600 whatever the umask
         key = keygen(sdir / "keys")
         atlas.enroll(name, key.public)
         shutil.copy(atlas.root_json, sdir / "root.json")  # handed over out of band
@@ -262,6 +263,7 @@ def _draw(args: argparse.Namespace, atlas: Any, sites: list[Any], lkey: str, out
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from fedarches.cli.atlas import console as rich_console
+    from fedarches.mapping import write_h5ad
     from fedarches.server import Atlas
 
     if args.sites < 1 or args.rounds < 1:
@@ -277,7 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t = time.perf_counter()  # 1. data
     ref, site_studies, ckey, lkey, holdout = _split_user(args) if args.data else _split_generated(args)
     make_dirs(out / "data")
-    ref.write_h5ad(out / "data" / "reference.h5ad")
+    write_h5ad(ref, out / "data" / "reference.h5ad")
     console.print(f"[bold]data[/]: reference {ref.n_obs} cells x {ref.n_vars} genes, studies "
                   f"{', '.join(ordered_conditions(ref.obs[ckey]))}" + (f", without {holdout!r}" if holdout else ""))
     timings["data"] = time.perf_counter() - t
