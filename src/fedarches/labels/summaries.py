@@ -1,0 +1,368 @@
+"""Label knowledge as class summaries: label transfer and unknown detection without reference cells.
+
+Why: a per-cell reference latent next to the decoder lets anyone who fetches the atlas
+decode every reference cell back to an expression profile (issue 9, invariant 8).
+What label transfer needs from the reference is much less: where each type lies
+(a few Gaussian components per label, each standing for >= ``k_min`` cells), how far
+a cell of a known type from a NEW study lies from them (per-label thresholds at the
+stated false-positive rate, measured across reference studies as the per-cell path
+does), and the median score a query of known types shows (the query-shift guard).
+All arrays are sized by labels, components and latent dimensions, never by cells.
+
+The call is the label-aware reference's classifier where the model has one; without
+it, a generative rule over components (``p(y | z)`` proportional to the sum over the
+label's components of ``count x N(z; component)``). The novelty score is the larger
+of the distance to the nearest component over its label's threshold and the class
+Gaussian score (:class:`fedarches.labels.novelty.ClassGaussianNovelty`), then the
+query-shift guard and the population statistic over QUERY cells
+(:mod:`fedarches.labels.query_shift`), exactly as in
+:class:`fedarches.labels.transfer.KNNLabelTransfer`. docs/LABELS.md has the figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+
+from fedarches.config import K_MIN
+from fedarches.errors import LabelStateError, LatentError, SettingError
+from fedarches.labels.calibration import (
+    MIN_LABEL_CELLS,
+    MODE_CROSS_STUDY,
+    MODE_LEAVE_ONE_OUT,
+    KIND_GLOBAL,
+    Thresholds,
+    batch_groups,
+    calibration_sample,
+    label_thresholds,
+)
+from fedarches.labels.components import (
+    STATISTICS,
+    Components,
+    fit_components,
+    gaussians,
+    label_parts,
+    label_statistic,
+    log_density,
+    mahalanobis,
+)
+from fedarches.labels.novelty import ClassGaussianNovelty
+from fedarches.labels.query_shift import neighbourhood_median, shift_factors, study_groups
+from fedarches.labels.transfer import UNKNOWN, LabelTransferResult
+from fedarches.neighbours import as_latent, encode_labels, resolve_workers
+
+__all__ = ["K_MIN", "ClassSummaries", "SummaryOptions"]
+
+STATE_FORMAT = 1
+CHUNK = 65536
+_GAUSSIAN_PREFIX = "gaussian."
+_COMPONENT_FIELDS = ("label", "count", "means", "whiten", "log_det")
+#: "cross-study": components refitted without each study, its cells measured against them (as the
+#: per-cell path calibrates); measured blind to CellBench's A549 (docs/LABELS.md), so not the default.
+CALIBRATIONS = ("in-sample", "cross-study")
+
+
+@dataclass(frozen=True)
+class SummaryOptions:
+    """How a label's cells become components (chosen by measurement: docs/LABELS.md)."""
+
+    k_min: int = K_MIN
+    cells_per_component: int = 40  # about this many cells per k-means cell
+    max_components: int = 32  # per label
+    statistic: str = "mahalanobis"  # distance novelty statistic: components.STATISTICS
+    calibration: str = "in-sample"  # CALIBRATIONS: thresholds from the label's own cells, or across studies
+
+    def check(self) -> None:
+        if self.calibration not in CALIBRATIONS:
+            raise SettingError(f"setting check failed: calibration must be one of {CALIBRATIONS}, "
+                               f"got {self.calibration!r}")
+        if self.statistic not in STATISTICS:
+            raise SettingError(f"setting check failed: statistic must be one of {STATISTICS}, got {self.statistic!r}")
+        if self.k_min < 2 or self.cells_per_component < 1 or self.max_components < 1:
+            raise SettingError(f"setting check failed: k_min must be >= 2, cells_per_component and "
+                               f"max_components >= 1, got {self}")
+
+
+def _fit_label(z: np.ndarray, label: int, opts: SummaryOptions, seed: int, k_min: int | None = None) -> Components:
+    return fit_components(z, label, k_min=opts.k_min if k_min is None else k_min,
+                          cells_per_component=opts.cells_per_component, max_components=opts.max_components,
+                          seed=seed)
+
+
+def _own_statistic(z: np.ndarray, comps: Components, statistic: str) -> np.ndarray:
+    """Distance of each cell to the nearest of ``comps`` (one label's components)."""
+    if comps.n == 0:
+        return np.full(len(z), np.nan)
+    return label_statistic(z, comps, comps.label[:1], statistic)[:, 0]
+
+
+def _calibration(latent: np.ndarray, codes: np.ndarray, batches: object | None, cal: np.ndarray,
+                 published: Components, n_labels: int, opts: SummaryOptions, max_groups: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per calibration cell, the statistic its label is calibrated with (components fitted on
+    OTHER studies when the label occurs in two or more) and the in-sample one; per label the mode."""
+    cal_codes = codes[cal]
+    loo = np.full(cal.size, np.nan)
+    for y in range(n_labels):
+        rows = cal_codes == y
+        loo[rows] = _own_statistic(latent[cal[rows]], Components(*(getattr(published, f)[published.label == y]
+                                                                   for f in _COMPONENT_FIELDS)), opts.statistic)
+    stats = loo.copy()
+    mode = np.full(n_labels, MODE_LEAVE_ONE_OUT, dtype=np.int64)
+    if batches is None:
+        return stats, loo, mode
+    groups = batch_groups(batches, latent.shape[0], max_groups)
+    n_groups = int(groups.max()) + 1
+    present = np.zeros((n_labels, n_groups), dtype=bool)
+    present[codes, groups] = True
+    for y in np.flatnonzero(present.sum(axis=1) >= 2):
+        if not (published.label == y).any():
+            continue
+        mode[y] = MODE_CROSS_STUDY
+        for g in np.flatnonzero(present[y]):
+            members = np.flatnonzero((cal_codes == y) & (groups[cal] == g))
+            other = latent[(codes == y) & (groups != g)]
+            comps = _fit_label(other, y, opts, seed, k_min=min(opts.k_min, max(2, len(other))))
+            if members.size and comps.n:
+                stats[members] = _own_statistic(latent[cal[members]], comps, opts.statistic)
+    return stats, loo, mode
+
+
+@dataclass
+class ClassSummaries:
+    """Per-label latent components plus the calibration of the novelty test (see module doc).
+
+    Typical use::
+
+        s = ClassSummaries.fit(ref_latent, ref_labels, ref_batches=ref_studies)
+        state = s.state()                                   # numeric arrays, no per-cell array
+        s2 = ClassSummaries.from_state(state, s.label_categories)
+        res = s2.predict(query_latent, classifier_probabilities=p)   # LabelTransferResult
+    """
+
+    label_categories: list[str]
+    components: Components
+    thresholds: Thresholds
+    gaussian: ClassGaussianNovelty
+    options: SummaryOptions
+    fpr: float = 0.01
+    uncertainty_threshold: float = 0.5
+    reference_median_score: float = float("nan")
+    workers: int = 1
+
+    @property
+    def n_dims(self) -> int:
+        return int(self.components.means.shape[1])
+
+    @property
+    def n_components(self) -> int:
+        return self.components.n
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, ref_latent: np.ndarray, ref_labels: np.ndarray, ref_batches: np.ndarray | None = None, *,
+            label_categories: Sequence[str] | None = None, options: SummaryOptions | None = None,
+            fpr: float = 0.01, uncertainty_threshold: float = 0.5, min_label_cells: int = MIN_LABEL_CELLS,
+            max_calibration_cells: int = 100_000, max_groups: int = 10, seed: int = 0,
+            workers: int = 1) -> ClassSummaries:
+        """Summarise the reference: components per label (cells of labels below ``k_min`` join their
+        nearest component), per-label thresholds at ``fpr`` and the reference median score."""
+        opts = options or SummaryOptions()
+        opts.check()
+        if not 0.0 < float(fpr) < 1.0 or not 0.0 <= float(uncertainty_threshold) <= 1.0:
+            raise SettingError(f"setting check failed: fpr must be in (0, 1) and uncertainty_threshold in [0, 1], "
+                               f"got {fpr}, {uncertainty_threshold}")
+        latent = as_latent(ref_latent, "reference latent").astype(np.float64)
+        n, dims = latent.shape
+        cats, label_codes = encode_labels(ref_labels, n, label_categories)
+        n_labels = len(cats)
+        comps, codes = _summarise(latent, label_codes, n_labels, opts, seed)
+        cal = calibration_sample(codes, n_labels, int(max_calibration_cells), np.random.default_rng(seed))
+        batches = ref_batches if opts.calibration == "cross-study" else None
+        stats, loo, mode = _calibration(latent, codes, batches, cal, comps, n_labels, opts, int(max_groups), seed)
+        thresholds = label_thresholds(stats, loo, codes[cal], mode, n_labels, float(fpr), int(min_label_cells))
+        _unsummarised_global(thresholds, comps, n_labels)
+        gaussian = ClassGaussianNovelty().fit(latent, codes, n_labels, fpr=float(fpr))
+        own = thresholds.label_thresholds[codes[cal]]
+        ref_scores = np.maximum(stats / np.maximum(own, np.finfo(np.float64).tiny), gaussian.score(latent[cal]))
+        return cls(label_categories=cats, components=comps, thresholds=thresholds, gaussian=gaussian,
+                   options=opts, fpr=float(fpr), uncertainty_threshold=float(uncertainty_threshold),
+                   reference_median_score=float(np.median(ref_scores)), workers=resolve_workers(workers))
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, query_latent: np.ndarray, *, return_probabilities: bool = False,
+                query_batches: np.ndarray | None = None, adapt_to_query: bool = True,
+                classifier_probabilities: np.ndarray | None = None) -> LabelTransferResult:
+        """Label query cells from the summaries alone; the arguments and the result are those of
+        :meth:`fedarches.labels.transfer.KNNLabelTransfer.predict`. Without
+        ``classifier_probabilities`` the generative rule over components makes the call."""
+        q = as_latent(query_latent, "query latent").astype(np.float64)
+        if q.shape[1] != self.n_dims:
+            raise LatentError(f"latent check failed: query latent has {q.shape[1]} dimensions but the label "
+                              f"summaries have {self.n_dims}; embed the query with the same model")
+        n, n_labels = q.shape[0], len(self.label_categories)
+        gen = np.empty((n, n_labels), dtype=np.float64)
+        dist = np.empty(n, dtype=np.float64)
+        present = np.unique(self.components.label)
+        thr = np.maximum(self.thresholds.label_thresholds[present], np.finfo(np.float64).tiny)
+        for start in range(0, n, CHUNK):
+            zc = q[start:start + CHUNK]
+            maha = mahalanobis(zc, self.components)
+            stat = label_statistic(zc, self.components, present, self.options.statistic, maha)
+            dist[start:start + CHUNK] = (stat / thr[None, :]).min(axis=1) if stat.shape[1] else np.inf
+            gen[start:start + CHUNK] = self._posterior(maha)
+        lp = gen if classifier_probabilities is None else self._check_probabilities(classifier_probabilities, n)
+        code = lp.argmax(axis=1).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
+        unc = np.clip(1.0 - lp[np.arange(n), code], 0.0, 1.0).astype(np.float32)
+        return self._result(q, code, unc, dist, gen.astype(np.float32) if return_probabilities else None,
+                            query_batches, adapt_to_query)
+
+    def _posterior(self, maha: np.ndarray) -> np.ndarray:
+        """p(label | z) from count-weighted component densities; labels without components get 0."""
+        dens = log_density(maha, self.components)
+        per_label = np.full((maha.shape[0], len(self.label_categories)), -np.inf)
+        for y in np.unique(self.components.label):
+            per_label[:, y] = logsumexp(dens[:, self.components.label == y], axis=1)
+        return np.exp(per_label - logsumexp(per_label, axis=1, keepdims=True))
+
+    def _check_probabilities(self, probabilities: np.ndarray, n: int) -> np.ndarray:
+        lp = np.asarray(probabilities, dtype=np.float64)
+        if lp.shape != (n, len(self.label_categories)) or not np.isfinite(lp).all():
+            raise LatentError(f"latent check failed: label probabilities of shape {lp.shape} (finite: "
+                              f"{bool(np.isfinite(lp).all())}) for {n} cells and {len(self.label_categories)} labels")
+        return lp
+
+    def _result(self, q: np.ndarray, code: np.ndarray, unc: np.ndarray, distance_score: np.ndarray,
+                probs: np.ndarray | None, batches: np.ndarray | None, adapt: bool) -> LabelTransferResult:
+        n = q.shape[0]
+        gaussian_score = self.gaussian.score(q)
+        raw = np.maximum(distance_score, gaussian_score)
+        if adapt and n:
+            groups = study_groups(batches, n)
+            shift = shift_factors(raw, groups, self.reference_median_score)
+            score = np.maximum(raw / shift, neighbourhood_median(q, raw / shift, groups, workers=self.workers))
+        else:
+            shift, score = np.ones(n, dtype=np.float64), raw
+        is_novel = score > 1.0
+        is_unknown = is_novel | (unc > self.uncertainty_threshold)
+        knn_pred = np.asarray(self.label_categories, dtype=object)[code] if n else np.zeros(0, dtype=object)
+        pred = knn_pred.copy()
+        pred[is_unknown] = UNKNOWN
+        return LabelTransferResult(
+            prediction=pred, knn_prediction=knn_pred, knn_code=code, uncertainty=unc,
+            novelty_score=score.astype(np.float32), is_novel=is_novel, is_unknown=is_unknown, probabilities=probs,
+            distance_score=distance_score.astype(np.float32), gaussian_score=gaussian_score.astype(np.float32),
+            query_shift=shift.astype(np.float32))
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict[str, np.ndarray]:
+        """Numeric arrays only, sized by labels, components and latent dimensions (never cells);
+        label names travel in the model manifest, indexed by the label codes used here."""
+        t = self.thresholds
+        return {
+            "format": np.array([STATE_FORMAT], dtype=np.int64),
+            "k_min": np.array([self.options.k_min], dtype=np.int64),
+            "cells_per_component": np.array([self.options.cells_per_component], dtype=np.int64),
+            "max_components": np.array([self.options.max_components], dtype=np.int64),
+            "statistic": np.array([STATISTICS.index(self.options.statistic)], dtype=np.int64),
+            "calibration": np.array([CALIBRATIONS.index(self.options.calibration)], dtype=np.int64),
+            "fpr": np.array([self.fpr], dtype=np.float64),
+            "uncertainty_threshold": np.array([self.uncertainty_threshold], dtype=np.float64),
+            "reference_median_score": np.array([self.reference_median_score], dtype=np.float64),
+            **{f"component_{f}": np.ascontiguousarray(getattr(self.components, f)) for f in _COMPONENT_FIELDS},
+            "label_thresholds": t.label_thresholds.astype(np.float64).copy(),
+            "label_calibration_mode": t.label_calibration_mode.astype(np.int64).copy(),
+            "label_threshold_kind": t.label_threshold_kind.astype(np.int64).copy(),
+            "global_threshold": np.array([t.global_threshold], dtype=np.float64),
+            "pooled_ratio_quantile": np.asarray(t.pooled_ratio_quantile, dtype=np.float64).copy(),
+            "calibration_counts": t.calibration_counts.astype(np.int64).copy(),
+            **{_GAUSSIAN_PREFIX + k: v for k, v in self.gaussian.state().items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray], label_categories: Sequence[str], *,
+                   workers: int = 1) -> ClassSummaries:
+        """Rebuild from :meth:`state`; refuses a state that is incomplete, of another format, whose
+        arrays do not match the label count, or with a component below its ``k_min``."""
+        st = {k: np.asarray(v) for k, v in state.items()}
+        try:
+            if int(st["format"].ravel()[0]) != STATE_FORMAT:
+                raise LabelStateError(f"label summaries check failed: state format {int(st['format'].ravel()[0])} "
+                                      f"is not supported (expected {STATE_FORMAT})")
+            comps = Components(*(st[f"component_{f}"].astype(np.float64 if f in ("means", "whiten", "log_det")
+                                                              else np.int64) for f in _COMPONENT_FIELDS))
+            opts = SummaryOptions(int(st["k_min"].ravel()[0]), int(st["cells_per_component"].ravel()[0]),
+                                  int(st["max_components"].ravel()[0]),
+                                  STATISTICS[int(st["statistic"].ravel()[0])],
+                                  CALIBRATIONS[int(st["calibration"].ravel()[0])])
+            thresholds = Thresholds(
+                label_thresholds=st["label_thresholds"].astype(np.float64),
+                label_calibration_mode=st["label_calibration_mode"].astype(np.int64),
+                label_threshold_kind=st["label_threshold_kind"].astype(np.int64),
+                global_threshold=float(st["global_threshold"].ravel()[0]),
+                pooled_ratio_quantile=st["pooled_ratio_quantile"].astype(np.float64),
+                calibration_counts=st["calibration_counts"].astype(np.int64))
+            gaussian = ClassGaussianNovelty.from_state({k[len(_GAUSSIAN_PREFIX):]: v for k, v in st.items()
+                                                        if k.startswith(_GAUSSIAN_PREFIX)})
+            out = cls(label_categories=[str(c) for c in label_categories], components=comps, thresholds=thresholds,
+                      gaussian=gaussian, options=opts, fpr=float(st["fpr"].ravel()[0]),
+                      uncertainty_threshold=float(st["uncertainty_threshold"].ravel()[0]),
+                      reference_median_score=float(st["reference_median_score"].ravel()[0]),
+                      workers=resolve_workers(workers))
+        except KeyError as exc:
+            raise LabelStateError(f"label summaries check failed: state is missing {exc.args[0]!r}") from exc
+        out._check_shapes()
+        return out
+
+    def _check_shapes(self) -> None:
+        c, n_labels = self.components, len(self.label_categories)
+        d = c.means.shape[1] if c.means.ndim == 2 else -1
+        problems = []
+        if not (c.label.shape == c.count.shape == c.log_det.shape == (c.n,) and c.means.shape == (c.n, d)
+                and c.whiten.shape == (c.n, d, d)):
+            problems.append("component arrays disagree in shape")
+        if c.n and (c.label.min() < 0 or c.label.max() >= n_labels):
+            problems.append(f"component labels outside the {n_labels} label categories")
+        if c.n and int(c.count.min()) < self.options.k_min:
+            problems.append(f"a component stands for {int(c.count.min())} cells, fewer than k_min "
+                            f"{self.options.k_min}")
+        if self.thresholds.label_thresholds.shape != (n_labels,) or self.gaussian.means.shape != (n_labels, d):
+            problems.append(f"per-label arrays do not match {n_labels} labels")
+        if problems:
+            raise LabelStateError("label summaries check failed: " + "; ".join(problems))
+
+
+def _summarise(latent: np.ndarray, codes: np.ndarray, n_labels: int, opts: SummaryOptions,
+               seed: int) -> tuple[Components, np.ndarray]:
+    """Components of every label with >= k_min cells; the cells of smaller labels join the
+    geometry of their nearest component (so their types are not flagged novel) without a label
+    of their own being published. Returns the components and each cell's effective label code."""
+    part = np.full(len(codes), -1, dtype=np.int64)
+    owners: list[int] = []
+    for y in range(n_labels):
+        rows = np.flatnonzero(codes == y)
+        p = label_parts(latent[rows], k_min=opts.k_min, cells_per_component=opts.cells_per_component,
+                        max_components=opts.max_components, seed=seed)
+        if rows.size and p.max() >= 0:
+            part[rows] = p + len(owners)
+            owners += [y] * (int(p.max()) + 1)
+    if not owners:
+        raise LatentError(f"latent check failed: no label has {opts.k_min} reference cells (k_min); "
+                          "nothing can be summarised")
+    comps = gaussians([latent[part == c] for c in range(len(owners))], owners)
+    small = np.flatnonzero(part < 0)
+    if small.size:
+        part[small] = mahalanobis(latent[small], comps).argmin(axis=1)
+        comps = gaussians([latent[part == c] for c in range(len(owners))], owners)
+    return comps, comps.label[part]
+
+
+def _unsummarised_global(thresholds: Thresholds, comps: Components, n_labels: int) -> None:
+    """A label with no component (fewer than k_min cells) publishes no threshold of its own."""
+    missing = np.setdiff1d(np.arange(n_labels), comps.label)
+    thresholds.label_thresholds[missing] = thresholds.global_threshold
+    thresholds.label_threshold_kind[missing] = KIND_GLOBAL
+    thresholds.calibration_counts[missing] = 0
