@@ -54,7 +54,7 @@ def make_latents(split_name: str, kind: str, seed: int) -> Path:
     ref, query = split.load(DATA / split.file)  # type: ignore[union-attr]
     model = FedArchesModel.train_reference(ref, "study", "cell_type", kind=kind,  # type: ignore[arg-type]
                                            train=TrainConfig(seed=seed, threads=1), progress=False,
-                                           )
+                                           label_knowledge="cells")
     mapped = model.map_query(query, "study", seed=seed, threads=1, progress=False)
     z_q = np.asarray(mapped.adata.obsm[LATENT_KEY], dtype=np.float32)
     probs = mapped.model._classifier_probabilities(z_q)

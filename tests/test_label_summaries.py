@@ -14,7 +14,8 @@ def _latents(seed: int = 0, n_per: int = 150, shift: float = 0.15):
     """Three known types in two studies (a small study offset), one tiny type, and a query
     study holding the known types plus a type the reference lacks."""
     rng = np.random.default_rng(seed)
-    centres = {"a": [0, 0, 0, 0], "b": [4, 0, 0, 0], "c": [0, 4, 0, 0], "tiny": [0, 0, 4, 0], "new": [2, 2, 2.5, 2]}
+    centres = {"a": [0, 0, 0, 0], "b": [4, 0, 0, 0], "c": [0, 4, 0, 0], "tiny": [0, 0, 4, 0], "rare": [0, 0, 0, 4],
+               "new": [2, 2, 2.5, 2]}
 
     def cells(t, n, offset):
         scale = np.array([1.0, 0.5, 0.5, 0.3])
@@ -22,7 +23,7 @@ def _latents(seed: int = 0, n_per: int = 150, shift: float = 0.15):
 
     z, labels, studies = [], [], []
     for s, offset in (("s0", 0.0), ("s1", shift)):
-        for t, n in (("a", n_per), ("b", n_per), ("c", n_per // 2), ("tiny", 6)):
+        for t, n in (("a", n_per), ("b", n_per), ("c", n_per // 2), ("tiny", 6), ("rare", 2)):
             z.append(cells(t, n, offset))
             labels += [t] * n
             studies += [s] * n
@@ -45,13 +46,16 @@ def test_every_component_stands_for_k_min_cells_and_no_array_grows_with_cells(fi
     s, z, labels, _, _ = fitted
     state = s.state()
     assert s.components.count.min() >= s.options.k_min == 20
-    assert int(s.components.count.sum()) == len(z)  # every cell is in some component, none twice
     for key, value in state.items():
         assert all(d < len(z) // 4 for d in np.asarray(value).shape), key
-    # the 12-cell type has no component of its own; its cells joined a neighbour's geometry
+    # 12 cells (>= k_min / 2): one component padded with the nearest other cells up to k_min
     tiny = s.label_categories.index("tiny")
-    assert tiny not in set(s.components.label.tolist())
-    assert s.gaussian.fitted[tiny] == np.False_
+    assert s.components.count[s.components.label == tiny].tolist() == [20]
+    # 4 cells: nothing published, not even a class Gaussian or a threshold of its own
+    rare = s.label_categories.index("rare")
+    assert rare not in set(s.components.label.tolist())
+    assert s.gaussian.fitted[rare] == np.False_
+    assert s.thresholds.label_thresholds[rare] == s.thresholds.global_threshold
 
 
 def test_summaries_detect_a_new_type_and_keep_known_types(fitted):

@@ -63,6 +63,13 @@ _COMPONENT_FIELDS = ("label", "count", "means", "whiten", "log_det")
 #: "cross-study": components refitted without each study, its cells measured against them (as the
 #: per-cell path calibrates); measured blind to CellBench's A549 (docs/LABELS.md), so not the default.
 CALIBRATIONS = ("in-sample", "cross-study")
+#: A label with fewer than k_min cells. "pad": with at least k_min / 2 cells it gets one
+#: component of its cells plus the nearest cells of other labels up to k_min (a majority of its
+#: own); smaller ones are "absorb"ed: their cells join the nearest component's geometry, so
+#: their type is not flagged novel, without a label of their own. "drop": no component and no
+#: cell in any (its query cells look novel). "pad-drop": pad, drop the rest. docs/LABELS.md
+#: has the measurements.
+SMALL_LABELS = ("pad", "absorb", "drop", "pad-drop")
 
 
 @dataclass(frozen=True)
@@ -70,12 +77,16 @@ class SummaryOptions:
     """How a label's cells become components (chosen by measurement: docs/LABELS.md)."""
 
     k_min: int = K_MIN
-    cells_per_component: int = 40  # about this many cells per k-means cell
+    cells_per_component: int = 20  # about this many cells per k-means cell
     max_components: int = 32  # per label
     statistic: str = "mahalanobis"  # distance novelty statistic: components.STATISTICS
     calibration: str = "in-sample"  # CALIBRATIONS: thresholds from the label's own cells, or across studies
+    small_labels: str = "pad-drop"  # SMALL_LABELS: what becomes of a label with fewer than k_min cells
 
     def check(self) -> None:
+        if self.small_labels not in SMALL_LABELS:
+            raise SettingError(f"setting check failed: small_labels must be one of {SMALL_LABELS}, "
+                               f"got {self.small_labels!r}")
         if self.calibration not in CALIBRATIONS:
             raise SettingError(f"setting check failed: calibration must be one of {CALIBRATIONS}, "
                                f"got {self.calibration!r}")
@@ -180,6 +191,9 @@ class ClassSummaries:
         cats, label_codes = encode_labels(ref_labels, n, label_categories)
         n_labels = len(cats)
         comps, codes = _summarise(latent, label_codes, n_labels, opts, seed)
+        kept = codes >= 0
+        latent, codes = latent[kept], codes[kept]
+        ref_batches = None if ref_batches is None else np.asarray(ref_batches)[kept]
         cal = calibration_sample(codes, n_labels, int(max_calibration_cells), np.random.default_rng(seed))
         batches = ref_batches if opts.calibration == "cross-study" else None
         stats, loo, mode = _calibration(latent, codes, batches, cal, comps, n_labels, opts, int(max_groups), seed)
@@ -269,6 +283,7 @@ class ClassSummaries:
             "max_components": np.array([self.options.max_components], dtype=np.int64),
             "statistic": np.array([STATISTICS.index(self.options.statistic)], dtype=np.int64),
             "calibration": np.array([CALIBRATIONS.index(self.options.calibration)], dtype=np.int64),
+            "small_labels": np.array([SMALL_LABELS.index(self.options.small_labels)], dtype=np.int64),
             "fpr": np.array([self.fpr], dtype=np.float64),
             "uncertainty_threshold": np.array([self.uncertainty_threshold], dtype=np.float64),
             "reference_median_score": np.array([self.reference_median_score], dtype=np.float64),
@@ -297,7 +312,8 @@ class ClassSummaries:
             opts = SummaryOptions(int(st["k_min"].ravel()[0]), int(st["cells_per_component"].ravel()[0]),
                                   int(st["max_components"].ravel()[0]),
                                   STATISTICS[int(st["statistic"].ravel()[0])],
-                                  CALIBRATIONS[int(st["calibration"].ravel()[0])])
+                                  CALIBRATIONS[int(st["calibration"].ravel()[0])],
+                                  SMALL_LABELS[int(st["small_labels"].ravel()[0])])
             thresholds = Thresholds(
                 label_thresholds=st["label_thresholds"].astype(np.float64),
                 label_calibration_mode=st["label_calibration_mode"].astype(np.int64),
@@ -337,27 +353,44 @@ class ClassSummaries:
 
 def _summarise(latent: np.ndarray, codes: np.ndarray, n_labels: int, opts: SummaryOptions,
                seed: int) -> tuple[Components, np.ndarray]:
-    """Components of every label with >= k_min cells; the cells of smaller labels join the
-    geometry of their nearest component (so their types are not flagged novel) without a label
-    of their own being published. Returns the components and each cell's effective label code."""
+    """Components of every label with >= k_min cells, and what becomes of smaller labels
+    (``opts.small_labels``, see :data:`SMALL_LABELS`). Returns the components and each cell's
+    effective label code (-1: in no component)."""
     part = np.full(len(codes), -1, dtype=np.int64)
+    members: list[np.ndarray] = []
     owners: list[int] = []
     for y in range(n_labels):
         rows = np.flatnonzero(codes == y)
         p = label_parts(latent[rows], k_min=opts.k_min, cells_per_component=opts.cells_per_component,
                         max_components=opts.max_components, seed=seed)
-        if rows.size and p.max() >= 0:
-            part[rows] = p + len(owners)
-            owners += [y] * (int(p.max()) + 1)
+        for c in range(int(p.max()) + 1 if rows.size else 0):
+            part[rows[p == c]] = len(owners)
+            members.append(rows[p == c])
+            owners.append(y)
     if not owners:
         raise LatentError(f"latent check failed: no label has {opts.k_min} reference cells (k_min); "
                           "nothing can be summarised")
-    comps = gaussians([latent[part == c] for c in range(len(owners))], owners)
-    small = np.flatnonzero(part < 0)
-    if small.size:
-        part[small] = mahalanobis(latent[small], comps).argmin(axis=1)
-        comps = gaussians([latent[part == c] for c in range(len(owners))], owners)
-    return comps, comps.label[part]
+    small = [y for y in range(n_labels) if 0 < (codes == y).sum() < opts.k_min]
+    eff = codes.copy()
+    if opts.small_labels.startswith("pad"):
+        for y in [y for y in small if 2 * (codes == y).sum() >= opts.k_min]:
+            rows = np.flatnonzero(codes == y)
+            others = np.flatnonzero((codes != y) & (part >= 0))
+            near = others[np.argsort(((latent[others] - latent[rows].mean(0)) ** 2).sum(1))[:opts.k_min - rows.size]]
+            part[rows] = len(owners)
+            members.append(np.concatenate([rows, near]))
+            owners.append(y)
+    comps = gaussians([latent[m] for m in members], owners)
+    rest = np.flatnonzero(part < 0)
+    if rest.size and opts.small_labels in ("absorb", "pad"):
+        nearest = mahalanobis(latent[rest], comps).argmin(axis=1)
+        for c in np.unique(nearest):
+            members[c] = np.concatenate([members[c], rest[nearest == c]])
+        comps = gaussians([latent[m] for m in members], owners)
+        eff[rest] = comps.label[nearest]
+    elif rest.size:
+        eff[rest] = -1
+    return comps, eff
 
 
 def _unsummarised_global(thresholds: Thresholds, comps: Components, n_labels: int) -> None:
