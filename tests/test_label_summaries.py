@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedarches.errors import LabelStateError, SettingError
-from fedarches.labels.summaries import ClassSummaries, SummaryOptions
+from fedarches.labels.summaries import ClassSummaries, SummaryOptions, state_bytes_bound
 
 
 def _latents(seed: int = 0, n_per: int = 150, shift: float = 0.15):
@@ -48,6 +48,8 @@ def test_every_component_stands_for_k_min_cells_and_no_array_grows_with_cells(fi
     assert s.components.count.min() >= s.options.k_min == 20
     for key, value in state.items():
         assert all(d < len(z) // 4 for d in np.asarray(value).shape), key
+    size = sum(np.asarray(v).nbytes for v in state.values())
+    assert size <= state_bytes_bound(len(s.label_categories), z.shape[1], s.options.max_components)
     # 12 cells (>= k_min / 2): one component padded with the nearest other cells up to k_min
     tiny = s.label_categories.index("tiny")
     assert s.components.count[s.components.label == tiny].tolist() == [20]
@@ -86,7 +88,7 @@ def test_classifier_probabilities_make_the_call(fitted):
     assert set(res.knn_prediction.tolist()) == {"b"}
     assert (res.uncertainty == 0).all()
     with pytest.raises(Exception, match="latent check failed"):
-        s.predict(q, classifier_probabilities=p[:, :2])
+        s.predict(q, classifier_probabilities=p[:10])
 
 
 def test_state_below_k_min_or_incomplete_is_refused(fitted):
@@ -117,3 +119,28 @@ def test_query_shift_guard_applies_over_query_cells(fitted):
     known = q_labels != "new"
     assert guarded.query_shift[0] > 1.0
     assert guarded.is_unknown[known].mean() < fixed.is_unknown[known].mean()
+
+
+def test_merged_summaries_grow_by_label_name_and_label_the_new_type(fitted):
+    """A site's summaries of its labelled cells (incl. a type the reference lacks) join the
+    reference's; the classifier knows only the reference labels, the generative rule the rest."""
+    s, _, _, q, q_labels = fitted
+    site = ClassSummaries.fit(q, q_labels)
+    grown = s.merged(site)
+    assert grown.label_categories == [*s.label_categories, "new"]
+    assert grown.n_components == s.n_components + site.n_components
+    assert grown.components.count.min() >= 20
+    again = ClassSummaries.from_state(grown.state(), grown.label_categories)
+    clf = np.zeros((len(q), len(s.label_categories)), dtype=np.float32)
+    for i, t in enumerate(q_labels):
+        if t in s.label_categories:
+            clf[i, s.label_categories.index(t)] = 1.0
+        else:
+            clf[i] = 1.0 / clf.shape[1]
+    res = again.predict(q, classifier_probabilities=clf)
+    new = q_labels == "new"
+    assert (res.prediction[new] == "new").mean() >= 0.9
+    assert (res.prediction[~new] == q_labels[~new]).mean() >= 0.95
+    assert s.merged(site).state().keys() == grown.state().keys()
+    with pytest.raises(LabelStateError):
+        s.merged(ClassSummaries.fit(q[:, :3], q_labels))

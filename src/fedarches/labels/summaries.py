@@ -22,7 +22,7 @@ query-shift guard and the population statistic over QUERY cells
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.special import logsumexp
@@ -54,12 +54,13 @@ from fedarches.labels.query_shift import neighbourhood_median, shift_factors, st
 from fedarches.labels.transfer import UNKNOWN, LabelTransferResult
 from fedarches.neighbours import as_latent, encode_labels, resolve_workers
 
-__all__ = ["K_MIN", "ClassSummaries", "SummaryOptions"]
+__all__ = ["K_MIN", "ClassSummaries", "SummaryOptions", "state_bytes_bound"]
 
 STATE_FORMAT = 1
 CHUNK = 65536
 _GAUSSIAN_PREFIX = "gaussian."
 _COMPONENT_FIELDS = ("label", "count", "means", "whiten", "log_det")
+_PER_LABEL = ("label_thresholds", "label_calibration_mode", "label_threshold_kind", "calibration_counts")
 #: "cross-study": components refitted without each study, its cells measured against them (as the
 #: per-cell path calibrates); measured blind to CellBench's A549 (docs/LABELS.md), so not the default.
 CALIBRATIONS = ("in-sample", "cross-study")
@@ -95,6 +96,18 @@ class SummaryOptions:
         if self.k_min < 2 or self.cells_per_component < 1 or self.max_components < 1:
             raise SettingError(f"setting check failed: k_min must be >= 2, cells_per_component and "
                                f"max_components >= 1, got {self}")
+
+
+def state_bytes_bound(n_labels: int, latent_dim: int, max_components: int = SummaryOptions.max_components) -> int:
+    """Largest size in bytes of :meth:`ClassSummaries.state`'s arrays (safetensors header aside):
+    a formula of labels, latent dimensions and components per label, never of cells. Per
+    component: label, count, log det (8 B each), mean (8 d), whitening factor (8 d^2); per label:
+    threshold, mode, kind, calibration count, Gaussian threshold (8 B each), fitted flag (1 B),
+    Gaussian mean and whitening factor (8 d + 8 d^2); 16 scalars of 8 B."""
+    d = int(latent_dim)
+    per_component = 24 + 8 * d + 8 * d * d
+    per_label = 41 + 8 * d + 8 * d * d
+    return int(n_labels) * (int(max_components) * per_component + per_label) + 16 * 8
 
 
 def _fit_label(z: np.ndarray, label: int, opts: SummaryOptions, seed: int, k_min: int | None = None) -> Components:
@@ -212,7 +225,10 @@ class ClassSummaries:
                 classifier_probabilities: np.ndarray | None = None) -> LabelTransferResult:
         """Label query cells from the summaries alone; the arguments and the result are those of
         :meth:`fedarches.labels.transfer.KNNLabelTransfer.predict`. Without
-        ``classifier_probabilities`` the generative rule over components makes the call."""
+        ``classifier_probabilities`` the generative rule over components makes the call. With
+        fewer columns than labels (a classifier trained before labels were added to the
+        summaries: its labels are the first columns), labels beyond them take their generative
+        probability and the classifier's share the rest in its proportions."""
         q = as_latent(query_latent, "query latent").astype(np.float64)
         if q.shape[1] != self.n_dims:
             raise LatentError(f"latent check failed: query latent has {q.shape[1]} dimensions but the label "
@@ -228,7 +244,8 @@ class ClassSummaries:
             stat = label_statistic(zc, self.components, present, self.options.statistic, maha)
             dist[start:start + CHUNK] = (stat / thr[None, :]).min(axis=1) if stat.shape[1] else np.inf
             gen[start:start + CHUNK] = self._posterior(maha)
-        lp = gen if classifier_probabilities is None else self._check_probabilities(classifier_probabilities, n)
+        lp = gen if classifier_probabilities is None else self._combine(
+            self._check_probabilities(classifier_probabilities, n), gen)
         code = lp.argmax(axis=1).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
         unc = np.clip(1.0 - lp[np.arange(n), code], 0.0, 1.0).astype(np.float32)
         return self._result(q, code, unc, dist, gen.astype(np.float32) if return_probabilities else None,
@@ -242,9 +259,19 @@ class ClassSummaries:
             per_label[:, y] = logsumexp(dens[:, self.components.label == y], axis=1)
         return np.exp(per_label - logsumexp(per_label, axis=1, keepdims=True))
 
+    @staticmethod
+    def _combine(classifier: np.ndarray, gen: np.ndarray) -> np.ndarray:
+        """The classifier's p(label | z) over its own labels, the generative rule's for the rest."""
+        m = classifier.shape[1]
+        if m == gen.shape[1]:
+            return classifier
+        added = gen[:, m:]
+        return np.concatenate([classifier * (1.0 - added.sum(axis=1, keepdims=True)), added], axis=1)
+
     def _check_probabilities(self, probabilities: np.ndarray, n: int) -> np.ndarray:
         lp = np.asarray(probabilities, dtype=np.float64)
-        if lp.shape != (n, len(self.label_categories)) or not np.isfinite(lp).all():
+        if lp.ndim != 2 or lp.shape[0] != n or not 1 <= lp.shape[1] <= len(self.label_categories) \
+                or not np.isfinite(lp).all():
             raise LatentError(f"latent check failed: label probabilities of shape {lp.shape} (finite: "
                               f"{bool(np.isfinite(lp).all())}) for {n} cells and {len(self.label_categories)} labels")
         return lp
@@ -270,6 +297,29 @@ class ClassSummaries:
             novelty_score=score.astype(np.float32), is_novel=is_novel, is_unknown=is_unknown, probabilities=probs,
             distance_score=distance_score.astype(np.float32), gaussian_score=gaussian_score.astype(np.float32),
             query_shift=shift.astype(np.float32))
+
+    # ------------------------------------------------------------------ growth
+    def merged(self, added: ClassSummaries) -> ClassSummaries:
+        """Label knowledge grown by merge, by label NAME: ``added``'s components join (an existing
+        label gains them, a new label is appended; new names sorted, so merge order does not
+        change the result); each label keeps the calibration (threshold, class Gaussian) of the
+        summaries that introduced it, and the query-shift guard keeps this reference's median."""
+        if added.n_dims != self.n_dims:
+            raise LabelStateError(f"label summaries check failed: {added.n_dims}-dimensional summaries cannot join "
+                                  f"{self.n_dims}-dimensional ones")
+        new = sorted(set(added.label_categories) - set(self.label_categories))
+        cats = [*self.label_categories, *new]
+        index = {c: i for i, c in enumerate(cats)}
+        remap = np.array([index[c] for c in added.label_categories], dtype=np.int64)
+        comps = Components.concat([self.components, replace(added.components, label=remap[added.components.label])],
+                                  self.n_dims)
+        src = np.array([added.label_categories.index(c) for c in new], dtype=np.int64)
+        t, a = self.thresholds, added.thresholds
+        thresholds = Thresholds(**{f: np.concatenate([getattr(t, f), getattr(a, f)[src]]) for f in _PER_LABEL},
+                                global_threshold=t.global_threshold, pooled_ratio_quantile=t.pooled_ratio_quantile)
+        gaussian = ClassGaussianNovelty.from_state({k: np.concatenate([v, added.gaussian.state()[k][src]])
+                                                    if k != "fpr" else v for k, v in self.gaussian.state().items()})
+        return replace(self, label_categories=cats, components=comps, thresholds=thresholds, gaussian=gaussian)
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, np.ndarray]:
