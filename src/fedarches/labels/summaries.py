@@ -234,7 +234,10 @@ class ClassSummaries:
             raise LatentError(f"latent check failed: query latent has {q.shape[1]} dimensions but the label "
                               f"summaries have {self.n_dims}; embed the query with the same model")
         n, n_labels = q.shape[0], len(self.label_categories)
-        gen = np.empty((n, n_labels), dtype=np.float64)
+        clf = None if classifier_probabilities is None else self._check_probabilities(classifier_probabilities, n)
+        # the generative rule is needed for labels the classifier lacks, or when asked for
+        need_gen = clf is None or clf.shape[1] < n_labels or return_probabilities
+        gen = np.zeros((n, n_labels), dtype=np.float64)
         dist = np.empty(n, dtype=np.float64)
         present = np.unique(self.components.label)
         thr = np.maximum(self.thresholds.label_thresholds[present], np.finfo(np.float64).tiny)
@@ -243,9 +246,9 @@ class ClassSummaries:
             maha = mahalanobis(zc, self.components)
             stat = label_statistic(zc, self.components, present, self.options.statistic, maha)
             dist[start:start + CHUNK] = (stat / thr[None, :]).min(axis=1) if stat.shape[1] else np.inf
-            gen[start:start + CHUNK] = self._posterior(maha)
-        lp = gen if classifier_probabilities is None else self._combine(
-            self._check_probabilities(classifier_probabilities, n), gen)
+            if need_gen:
+                gen[start:start + CHUNK] = self._posterior(maha)
+        lp = gen if clf is None else self._combine(clf, gen)
         code = lp.argmax(axis=1).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
         unc = np.clip(1.0 - lp[np.arange(n), code], 0.0, 1.0).astype(np.float32)
         return self._result(q, code, unc, dist, gen.astype(np.float32) if return_probabilities else None,
