@@ -341,12 +341,7 @@ class ClassSummaries:
             "uncertainty_threshold": np.array([self.uncertainty_threshold], dtype=np.float64),
             "reference_median_score": np.array([self.reference_median_score], dtype=np.float64),
             **{f"component_{f}": np.ascontiguousarray(getattr(self.components, f)) for f in _COMPONENT_FIELDS},
-            "label_thresholds": t.label_thresholds.astype(np.float64).copy(),
-            "label_calibration_mode": t.label_calibration_mode.astype(np.int64).copy(),
-            "label_threshold_kind": t.label_threshold_kind.astype(np.int64).copy(),
-            "global_threshold": np.array([t.global_threshold], dtype=np.float64),
-            "pooled_ratio_quantile": np.asarray(t.pooled_ratio_quantile, dtype=np.float64).copy(),
-            "calibration_counts": t.calibration_counts.astype(np.int64).copy(),
+            **t.state(),
             **{_GAUSSIAN_PREFIX + k: v for k, v in self.gaussian.state().items()},
         }
 
@@ -367,13 +362,7 @@ class ClassSummaries:
                                   STATISTICS[int(st["statistic"].ravel()[0])],
                                   CALIBRATIONS[int(st["calibration"].ravel()[0])],
                                   SMALL_LABELS[int(st["small_labels"].ravel()[0])])
-            thresholds = Thresholds(
-                label_thresholds=st["label_thresholds"].astype(np.float64),
-                label_calibration_mode=st["label_calibration_mode"].astype(np.int64),
-                label_threshold_kind=st["label_threshold_kind"].astype(np.int64),
-                global_threshold=float(st["global_threshold"].ravel()[0]),
-                pooled_ratio_quantile=st["pooled_ratio_quantile"].astype(np.float64),
-                calibration_counts=st["calibration_counts"].astype(np.int64))
+            thresholds = Thresholds.from_state(st)
             gaussian = ClassGaussianNovelty.from_state({k[len(_GAUSSIAN_PREFIX):]: v for k, v in st.items()
                                                         if k.startswith(_GAUSSIAN_PREFIX)})
             out = cls(label_categories=[str(c) for c in label_categories], components=comps, thresholds=thresholds,
