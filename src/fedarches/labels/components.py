@@ -24,6 +24,7 @@ __all__ = ["STATISTICS", "Components", "component_distance", "fit_components", "
 #: How the distance novelty statistic reads the components (a code is stored in the state).
 STATISTICS = ("mahalanobis", "euclidean", "density")
 
+KMEANS_SAMPLE = 20_000  # k-means of a larger label is fitted on a seeded sample, then assigns all
 RIDGE = 1e-6  # relative ridge on every covariance, so a flat component stays invertible
 
 
@@ -67,8 +68,12 @@ def _assignments(z: np.ndarray, n_parts: int, k_min: int, seed: int) -> np.ndarr
     """k-means labels with every part >= k_min cells (small parts merged into the nearest other)."""
     if n_parts <= 1:
         return np.zeros(len(z), dtype=np.int64)
-    km = KMeans(n_clusters=n_parts, n_init=3, random_state=seed).fit(z)
-    assign = km.labels_.astype(np.int64)
+    km = KMeans(n_clusters=n_parts, n_init=3, random_state=seed)
+    if len(z) > KMEANS_SAMPLE:  # the centres of <= 32 parts are placed as well from a seeded sample
+        rows = np.random.default_rng(seed).choice(len(z), KMEANS_SAMPLE, replace=False)
+        assign = km.fit(z[np.sort(rows)]).predict(z).astype(np.int64)
+    else:
+        assign = km.fit(z).labels_.astype(np.int64)
     centres = km.cluster_centers_
     while True:
         sizes = np.bincount(assign, minlength=len(centres))
