@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 ModelKind = Literal["trvae", "nb"]
 MODEL_KINDS: tuple[str, ...] = ("trvae", "nb")  # every --model choice list and check reads this
+#: What a reference publishes for label transfer (--label-knowledge): k-anonymous class
+#: summaries, or the per-cell reference latent (public references). The default is chosen by
+#: measurement (benchmarks/label_summaries.py, docs/LABELS.md "Label knowledge").
+LabelKnowledge = Literal["summaries", "cells"]
+LABEL_KNOWLEDGE: tuple[str, ...] = ("summaries", "cells")
+DEFAULT_LABEL_KNOWLEDGE: LabelKnowledge = "cells"
+K_MIN = 20  # every published label component stands for at least this many cells
 Strategy = Literal["conditions", "input-layers", "full"]
 STRATEGIES: tuple[str, ...] = ("conditions", "input-layers", "full")
 

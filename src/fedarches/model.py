@@ -20,7 +20,18 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from fedarches.config import MODEL_KINDS, MapSettings, ModelConfig, ModelKind, STRATEGIES, TrainConfig
+from fedarches.config import (
+    DEFAULT_LABEL_KNOWLEDGE,
+    K_MIN,
+    LABEL_KNOWLEDGE,
+    MODEL_KINDS,
+    STRATEGIES,
+    LabelKnowledge,
+    MapSettings,
+    ModelConfig,
+    ModelKind,
+    TrainConfig,
+)
 from fedarches.data.batches import chunked_rows, dense_rows
 from fedarches.data.conditions import ordered_conditions
 from fedarches.data.genes import align_genes, select_genes
@@ -33,11 +44,20 @@ from fedarches.errors import (
     UnknownConditionError,
 )
 from fedarches.labels import KNNLabelTransfer, LabelTransferResult
+from fedarches.labels.summaries import ClassSummaries, SummaryOptions
 from fedarches.neighbours import encode_labels
 from fedarches.models.cvae import CVAE
 from fedarches.report import LabelTransferSummary, MapReport
 from fedarches.format.identity import ConditionIndex, condition_id
-from fedarches.format.model_dir import CONDITIONS, ModelManifest, REFERENCE, WEIGHTS, load_model_dir, save_model_dir
+from fedarches.format.model_dir import (
+    CONDITIONS,
+    LABELS,
+    REFERENCE,
+    WEIGHTS,
+    ModelManifest,
+    load_model_dir,
+    save_model_dir,
+)
 from fedarches.threads import check_threads, thread_limits
 from fedarches.training import MatrixSource, ProjectedSource, TrainHistory, copy_module
 from fedarches.training import train as train_loop
@@ -78,6 +98,65 @@ class ReferenceIndex:
         """``batches``: the study of each cell, so each study gets its own query-shift guard;
         ``probabilities``: the label-aware reference's classifier output, which makes the call."""
         return self.transfer.predict(latent, query_batches=batches, classifier_probabilities=probabilities)
+
+    @property
+    def knowledge(self) -> LabelKnowledge:
+        return "cells"
+
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        """What a picture draws for the atlas: its reference cells and their labels."""
+        return self.latent, np.asarray(self.categories, dtype=object)[self.labels].astype(str)
+
+    def blob(self) -> tuple[str, dict[str, torch.Tensor]]:
+        ref = {"latent": torch.from_numpy(self.latent), "labels": torch.from_numpy(self.labels)}
+        for k, v in self.transfer.state().items():
+            ref[f"transfer/{k}"] = torch.from_numpy(np.ascontiguousarray(v))
+        return REFERENCE, ref
+
+
+@dataclass
+class SummaryIndex:
+    """Label knowledge as class summaries (``fedarches.labels.summaries``): no reference cell."""
+
+    categories: list[str]
+    summaries: ClassSummaries
+
+    def predict(self, latent: np.ndarray, batches: np.ndarray | None = None,
+                probabilities: np.ndarray | None = None) -> LabelTransferResult:
+        """As :meth:`ReferenceIndex.predict`, from the summaries alone."""
+        return self.summaries.predict(latent, query_batches=batches, classifier_probabilities=probabilities)
+
+    @property
+    def knowledge(self) -> LabelKnowledge:
+        return "summaries"
+
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        """What a picture draws for the atlas: one point per label component (its mean)."""
+        c = self.summaries.components
+        return c.means.astype(np.float32), np.asarray(self.categories, dtype=object)[c.label].astype(str)
+
+    def blob(self) -> tuple[str, dict[str, torch.Tensor]]:
+        return LABELS, {f"summaries/{k}": torch.from_numpy(np.ascontiguousarray(v))
+                        for k, v in self.summaries.state().items()}
+
+
+LabelIndex = ReferenceIndex | SummaryIndex
+
+
+def label_index(latent: np.ndarray, labels: np.ndarray, studies: np.ndarray, categories: list[str], *,
+                knowledge: LabelKnowledge, fpr: float, k_min: int = K_MIN) -> LabelIndex:
+    """The label knowledge a reference publishes, fitted on its latent (``knowledge``: summaries
+    or cells)."""
+    if knowledge not in LABEL_KNOWLEDGE:
+        raise SettingError(f"setting check failed: label knowledge must be one of {', '.join(LABEL_KNOWLEDGE)}, "
+                           f"got {knowledge!r}")
+    if knowledge == "summaries":
+        summaries = ClassSummaries.fit(latent, labels, ref_batches=studies, label_categories=categories, fpr=fpr,
+                                       options=SummaryOptions(k_min=int(k_min)))
+        return SummaryIndex(categories=list(summaries.label_categories), summaries=summaries)
+    transfer = KNNLabelTransfer().fit(latent, labels, ref_batches=studies, fpr=fpr, label_categories=categories)
+    codes = pd.Categorical(labels, categories=transfer.label_categories).codes.astype(np.int64)
+    return ReferenceIndex(latent=latent, labels=codes, categories=list(transfer.label_categories), transfer=transfer)
 
 
 def _prepare(adata: ad.AnnData, kind: ModelKind, genes: list[str] | None, condition_key: str,
@@ -121,7 +200,7 @@ class FedArchesModel:
         condition_key: str,
         train_config: TrainConfig,
         label_key: str | None = None,
-        reference: ReferenceIndex | None = None,
+        reference: LabelIndex | None = None,
     ) -> None:
         if len(genes) != module.config.n_genes:
             raise ValueError(f"{len(genes)} genes for a model of {module.config.n_genes}")
@@ -134,6 +213,8 @@ class FedArchesModel:
         self.last_history: TrainHistory | None = None
         # {condition id: (site, name)} recorded by the atlas version (format.identity); ids say the rest
         self.condition_owners: dict[str, tuple[str, str]] = {}
+        #: the reference latent of the last train_reference, in memory only (never saved)
+        self.training_latent: np.ndarray | None = None
 
     # ------------------------------------------------------------ properties
     @property
@@ -168,6 +249,8 @@ class FedArchesModel:
         config: dict[str, Any] | None = None,
         novelty_fpr: float = 0.01,
         progress: bool = True,
+        label_knowledge: LabelKnowledge = DEFAULT_LABEL_KNOWLEDGE,
+        k_min: int = K_MIN,
     ) -> "FedArchesModel":
         """Train a reference model on one or more studies (``condition_key``).
 
@@ -175,7 +258,14 @@ class FedArchesModel:
         (0 keeps all); the list is stored in the model. ``config`` overrides paper
         defaults (e.g. ``{"hidden": (128, 128)}``). ``train.threads``: every thread
         pool's count (None: the measured defaults; ``fedarches.threads``).
+        ``label_knowledge`` (with labels): what the model saves for label transfer, class
+        summaries whose every component stands for >= ``k_min`` cells ("summaries", no
+        per-cell array) or the per-cell reference latent ("cells", public references).
         """
+        if label_knowledge not in LABEL_KNOWLEDGE:
+            raise SettingError(f"setting check failed: label knowledge must be one of {', '.join(LABEL_KNOWLEDGE)}, "
+                               f"got {label_knowledge!r}")
+        SummaryOptions(k_min=int(k_min)).check()  # before training, not after
         if kind not in MODEL_KINDS:
             raise SettingError(f"setting check failed: unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
         train = train or TrainConfig()
@@ -206,11 +296,9 @@ class FedArchesModel:
         if labels is not None:
             with thread_limits(train.threads, "inference"):
                 latent = model._latent(data.x, cond_idx)
-                transfer = KNNLabelTransfer().fit(latent, labels, ref_batches=data.conditions, fpr=novelty_fpr,
-                                                  label_categories=categories)
-            codes = pd.Categorical(labels, categories=transfer.label_categories).codes.astype(np.int64)
-            model.reference = ReferenceIndex(latent=latent, labels=codes,
-                                             categories=list(transfer.label_categories), transfer=transfer)
+                model.reference = label_index(latent, labels, data.conditions, categories, knowledge=label_knowledge,
+                                              fpr=novelty_fpr, k_min=k_min)
+            model.training_latent = latent
         return model
 
     # --------------------------------------------------------------- mapping
@@ -416,10 +504,8 @@ class FedArchesModel:
     def blobs(self) -> dict[str, dict[str, torch.Tensor]]:
         blobs = {WEIGHTS: self.module.shared_state_dict(), CONDITIONS: self.module.condition_state()}
         if self.reference is not None:
-            ref = {"latent": torch.from_numpy(self.reference.latent), "labels": torch.from_numpy(self.reference.labels)}
-            for k, v in self.reference.transfer.state().items():
-                ref[f"transfer/{k}"] = torch.from_numpy(np.ascontiguousarray(v))
-            blobs[REFERENCE] = ref
+            name, tensors = self.reference.blob()
+            blobs[name] = tensors
         return blobs
 
     def save(self, path: str | Path) -> ModelManifest:
@@ -460,8 +546,12 @@ class FedArchesModel:
                     raise ModelFileError(f"{source}: condition table {tname} has shape {tuple(rows.shape)}")
                 table.blocks[0].copy_(rows)
         module.eval()
-        reference = None
-        if REFERENCE in blobs and manifest.label_key:
+        reference: LabelIndex | None = None
+        if LABELS in blobs and manifest.label_key:
+            cats = list(manifest.label_categories)
+            state = {k.split("/", 1)[1]: v.numpy() for k, v in blobs[LABELS].items() if k.startswith("summaries/")}
+            reference = SummaryIndex(categories=cats, summaries=ClassSummaries.from_state(state, cats))
+        elif REFERENCE in blobs and manifest.label_key:
             ref = blobs[REFERENCE]
             latent = ref["latent"].numpy().astype(np.float32)
             codes = ref["labels"].numpy().astype(np.int64)

@@ -20,6 +20,8 @@ from fedarches.atomic import PRIVATE_FILE, make_dirs
 from fedarches.errors import ModelDirError
 
 __all__ = [
+    "ATLAS_SOURCES",
+    "COMPONENTS_SOURCE",
     "REFERENCE_SOURCE",
     "UmapCells",
     "atlas_cells",
@@ -27,10 +29,19 @@ __all__ = [
     "mapping_cells",
     "plot_mapping",
     "point_size",
+    "reference_source",
     "umap_coordinates",
 ]
 
 REFERENCE_SOURCE = "atlas (reference)"
+COMPONENTS_SOURCE = "atlas (label components)"
+ATLAS_SOURCES = (REFERENCE_SOURCE, COMPONENTS_SOURCE)  # drawn grey and underneath
+
+
+def reference_source(ref: Any) -> str:
+    """How the atlas' own points are named in a picture: reference cells, or (a summaries atlas
+    holds no cell) the means of its label components."""
+    return COMPONENTS_SOURCE if getattr(ref, "knowledge", "cells") == "summaries" else REFERENCE_SOURCE
 
 
 @dataclass(frozen=True)
@@ -53,12 +64,13 @@ def atlas_cells(model_dir: Path, site_queries: Mapping[str, Sequence[Path]], lab
 
     ref = FedArchesModel.load(model_dir).reference
     if ref is None:
-        raise ModelDirError("model directory check failed: the atlas has no reference latent (built without "
+        raise ModelDirError("model directory check failed: the atlas has no label knowledge (built without "
                             "--label-key); nothing to draw")
-    latents = [np.asarray(ref.latent, dtype=np.float32)]
-    source = [REFERENCE_SOURCE] * len(ref.latent)
-    labels = [ref.categories[i] for i in np.asarray(ref.labels)]
-    unknown = [False] * len(ref.latent)
+    points, point_labels = ref.points()
+    latents = [np.asarray(points, dtype=np.float32)]
+    source = [reference_source(ref)] * len(points)
+    labels = list(point_labels)
+    unknown = [False] * len(points)
     for site, paths in sorted(site_queries.items()):
         for q in paths:
             a = ad.read_h5ad(q)
@@ -106,10 +118,11 @@ def mapping_cells(adata: Any, model: Any, condition_key: str, label_key: str | N
     unknown = [adata.obs[unk].to_numpy(dtype=bool) if unk and unk in adata.obs else np.zeros(adata.n_obs, bool)]
     ref = getattr(model, "reference", None)
     if ref is not None:
-        latents.insert(0, np.asarray(ref.latent, dtype=np.float32))
-        source.insert(0, np.full(len(ref.latent), REFERENCE_SOURCE))
-        labels.insert(0, np.asarray(ref.categories, dtype=object)[np.asarray(ref.labels)].astype(str))
-        unknown.insert(0, np.zeros(len(ref.latent), bool))
+        points, point_labels = ref.points()
+        latents.insert(0, np.asarray(points, dtype=np.float32))
+        source.insert(0, np.full(len(points), reference_source(ref)))
+        labels.insert(0, np.asarray(point_labels).astype(str))
+        unknown.insert(0, np.zeros(len(points), bool))
     return UmapCells(np.concatenate(latents), np.concatenate(source), np.concatenate(labels),
                      np.concatenate(unknown))
 
@@ -141,7 +154,7 @@ def draw_atlas_umap(cells: UmapCells, out_png: Path, *, title: str, seed: int = 
     emb = umap_coordinates(cells.latent, seed)
     size = point_size(len(cells.latent))
     fig, axes = plt.subplots(1, 3, figsize=(19, 6))
-    is_ref = cells.source == REFERENCE_SOURCE
+    is_ref = np.isin(cells.source, ATLAS_SOURCES)
     order = np.random.default_rng(seed).permutation(len(cells.latent))
     order = np.concatenate([order[is_ref[order]], order[~is_ref[order]]])  # reference underneath, query on top
     _categorical_panel(axes[0], emb, cells.source, order, size, "where the cells come from",
@@ -169,12 +182,13 @@ _NO_RED = {"tab10": (3, 7), "tab20": (6, 7, 14, 15), "Dark2": (1, 7), "tab20b": 
 
 
 def _palette(plt: Any, values: np.ndarray, small: str, large: str) -> dict[str, Any]:
-    cats = sorted(set(values.tolist()) - {REFERENCE_SOURCE, "Unknown"})
+    cats = sorted(set(values.tolist()) - {*ATLAS_SOURCES, "Unknown"})
     name = small if len(cats) <= 6 else large
     cmap = plt.get_cmap(name)
     cycle = [cmap(i) for i in range(cmap.N) if i not in _NO_RED.get(name, ())]
     colors: dict[str, Any] = {c: cycle[i % len(cycle)] for i, c in enumerate(cats)}
-    colors[REFERENCE_SOURCE] = (0.7, 0.7, 0.7, 1.0)
+    for atlas in ATLAS_SOURCES:
+        colors[atlas] = (0.7, 0.7, 0.7, 1.0)
     colors["Unknown"] = (0.84, 0.15, 0.16, 1.0)
     return colors
 
@@ -193,9 +207,10 @@ def _categorical_panel(ax: Any, emb: np.ndarray, values: np.ndarray, order: np.n
 
 
 def _unknown_panel(ax: Any, emb: np.ndarray, cells: UmapCells, size: float, query_name: str) -> None:
-    is_q = cells.source != REFERENCE_SOURCE
+    is_q = ~np.isin(cells.source, ATLAS_SOURCES)
     unknown = cells.unknown
-    groups = ((~is_q, (0.7, 0.7, 0.7, 0.35), REFERENCE_SOURCE),
+    atlas_name = next((s for s in ATLAS_SOURCES if (cells.source == s).any()), REFERENCE_SOURCE)
+    groups = ((~is_q, (0.7, 0.7, 0.7, 0.35), atlas_name),
               (is_q & ~unknown, (0.25, 0.25, 0.3, 0.7), f"{query_name} cell, labelled"),
               (is_q & unknown, (0.84, 0.15, 0.16, 1.0), f"{query_name} cell, called unknown"))
     for mask, color, label in groups:

@@ -89,8 +89,11 @@ def summarize_reference(model: Any, adata: Any, condition_key: str, label_key: s
     order = [c for c in model.conditions if c in studies]
     labels = dict(Counter(adata.obs[label_key].astype(str).tolist())) if label_key else {}
     integration: dict[str, float] = {}
-    if model.reference is not None and label_key:
-        latent = np.asarray(model.reference.latent)
+    latent = getattr(model, "training_latent", None)  # in memory after training, whatever is published
+    if latent is None and model.reference is not None:
+        latent = getattr(model.reference, "latent", None)
+    if latent is not None and label_key:
+        latent = np.asarray(latent)
         batch = adata.obs[condition_key].astype(str).to_numpy()
         lab = adata.obs[label_key].astype(str).to_numpy()
         scores = integration_metrics(latent, batch, lab, max_cells=max_cells, workers=1)

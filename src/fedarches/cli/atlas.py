@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedarches.cli.core import label_knowledge_options
 from fedarches.config import MODEL_KINDS
 from fedarches.errors import DataFileError
 
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--threads", type=int, default=None,
                    help="threads for every pool: torch, BLAS, OpenMP, faiss, numba (default: measured, docs/THREADS.md)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
+    label_knowledge_options(q)
     q.set_defaults(func=cmd_build)
 
     q = asub.add_parser("enroll", help="accept contributions signed by this site key")
@@ -119,6 +121,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         layer=args.layer,
         progress=not args.quiet,
         reference_studies=parse_names(args.reference_studies),
+        label_knowledge=args.label_knowledge,
+        k_min=args.k_min,
     )
     for line in built.summary.lines():
         print(line)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedarches.config import MODEL_KINDS, STRATEGIES, MapSettings, TrainConfig
+from fedarches.config import DEFAULT_LABEL_KNOWLEDGE, K_MIN, LABEL_KNOWLEDGE, MODEL_KINDS, STRATEGIES, MapSettings, TrainConfig
 from fedarches.data.io import read_h5ad
 from fedarches.mapping import check_out_dir
 from fedarches.threads import check_threads
@@ -47,6 +47,16 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def label_knowledge_options(p: argparse.ArgumentParser) -> None:
+    """--label-knowledge and --k-min, shared by `train-reference` and `atlas build`."""
+    p.add_argument("--label-knowledge", choices=list(LABEL_KNOWLEDGE), default=DEFAULT_LABEL_KNOWLEDGE,
+                   help="what the model publishes for label transfer: class summaries (no per-cell array; "
+                        "each component stands for >= --k-min cells) or the per-cell reference latent "
+                        f"(public references); default {DEFAULT_LABEL_KNOWLEDGE}")
+    p.add_argument("--k-min", type=int, default=K_MIN,
+                   help=f"with summaries: fewest cells a published label component stands for (default {K_MIN})")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-reference", help="train a reference model on one or more studies")
     p.add_argument("--data", required=True, help="reference .h5ad with raw counts")
@@ -59,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--layer", default=None, help="read counts from this layer instead of .X")
+    label_knowledge_options(p)
     _run_options(p)
     p.set_defaults(func=cmd_train_reference)
 
@@ -95,6 +106,7 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
         read_h5ad(args.data), args.condition_key, args.label_key,
         reference_studies=parse_names(args.reference_studies), kind=args.model, n_genes=args.n_genes,
         layer=args.layer, train=cfg, progress=not args.quiet,
+        label_knowledge=args.label_knowledge, k_min=args.k_min,
     )
     model.save(out)
     for line in summary.lines():

@@ -27,8 +27,9 @@ MODEL_FORMAT = "fedarches.model/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 CONDITIONS = "conditions.safetensors"
-REFERENCE = "reference.safetensors"
-BLOB_FILES = (WEIGHTS, CONDITIONS, REFERENCE)
+REFERENCE = "reference.safetensors"  # per-cell reference latent + labels (label knowledge "cells")
+LABELS = "labels.safetensors"  # class summaries, no per-cell array (label knowledge "summaries")
+BLOB_FILES = (WEIGHTS, CONDITIONS, REFERENCE, LABELS)
 #: Largest manifest accepted (model or published version manifest): a
 #: 30,000-gene model with thousands of conditions stays far below it.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024

@@ -47,6 +47,29 @@ class Thresholds:
     pooled_ratio_quantile: np.ndarray  # float64 [cross-study, leave-one-out]
     calibration_counts: np.ndarray  # int64 calibration cells per label
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The arrays a saved label state holds (safetensors-ready copies)."""
+        return {
+            "label_thresholds": self.label_thresholds.astype(np.float64).copy(),
+            "label_calibration_mode": self.label_calibration_mode.astype(np.int64).copy(),
+            "label_threshold_kind": self.label_threshold_kind.astype(np.int64).copy(),
+            "global_threshold": np.array([self.global_threshold], dtype=np.float64),
+            "pooled_ratio_quantile": np.asarray(self.pooled_ratio_quantile, dtype=np.float64).copy(),
+            "calibration_counts": self.calibration_counts.astype(np.int64).copy(),
+        }
+
+    @classmethod
+    def from_state(cls, st: Any) -> "Thresholds":
+        """Inverse of :meth:`state`; a missing key raises ``KeyError`` for the caller to name."""
+        return cls(
+            label_thresholds=np.asarray(st["label_thresholds"], dtype=np.float64).ravel().copy(),
+            label_calibration_mode=np.asarray(st["label_calibration_mode"], dtype=np.int64).ravel().copy(),
+            label_threshold_kind=np.asarray(st["label_threshold_kind"], dtype=np.int64).ravel().copy(),
+            global_threshold=float(np.asarray(st["global_threshold"]).ravel()[0]),
+            pooled_ratio_quantile=np.asarray(st["pooled_ratio_quantile"], dtype=np.float64).ravel().copy(),
+            calibration_counts=np.asarray(st["calibration_counts"], dtype=np.int64).ravel().copy(),
+        )
+
 
 def calibration_sample(codes: np.ndarray, n_labels: int, max_cells: int, rng: np.random.Generator) -> np.ndarray:
     """Reference cells whose novelty statistic is calibrated: all of them when few, else a

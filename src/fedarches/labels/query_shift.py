@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
+from fedarches.labels.knn import spatial_order
 from fedarches.neighbours import label_strings
 
 MIN_SHIFT_CELLS = 50  # fewer query cells of one study cannot place their own median
@@ -68,8 +69,9 @@ def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndar
                                                                                  replace=False))
         kk = min(k, pool.size)
         tree = cKDTree(latent[pool])
+        walk = members[spatial_order(latent[members])]  # neighbouring queries walk the same nodes
         for start in range(0, members.size, 65536):
-            rows = members[start:start + 65536]
+            rows = walk[start:start + 65536]
             _, idx = tree.query(latent[rows], kk, workers=workers)
             out[rows] = np.median(values[pool][idx.reshape(rows.size, kk)], axis=1)
     return out

@@ -346,13 +346,8 @@ class KNNLabelTransfer:
             "fpr": np.array([self.fpr], dtype=np.float64),
             "uncertainty_threshold": np.array([self.uncertainty_threshold], dtype=np.float64),
             "min_label_cells": np.array([self.min_label_cells], dtype=np.int64),
-            "label_thresholds": t.label_thresholds.astype(np.float64).copy(),
-            "label_calibration_mode": t.label_calibration_mode.astype(np.int64).copy(),
-            "label_threshold_kind": t.label_threshold_kind.astype(np.int64).copy(),
-            "global_threshold": np.array([t.global_threshold], dtype=np.float64),
-            "pooled_ratio_quantile": np.asarray(t.pooled_ratio_quantile, dtype=np.float64).copy(),
+            **t.state(),
             "label_counts": np.bincount(self.ref_codes, minlength=n_labels).astype(np.int64),
-            "calibration_counts": t.calibration_counts.astype(np.int64).copy(),
             "n_reference": np.array([self.ref_codes.shape[0]], dtype=np.int64),
             "n_dims": np.array([self._n_dims], dtype=np.int64),
             "reference_median_score": np.array([self.reference_median_score], dtype=np.float64),
@@ -395,14 +390,7 @@ class KNNLabelTransfer:
         obj.fpr = float(st["fpr"][0])
         obj.uncertainty_threshold = float(st["uncertainty_threshold"][0])
         obj.min_label_cells = int(st["min_label_cells"][0])
-        obj.thresholds = Thresholds(
-            label_thresholds=st["label_thresholds"].astype(np.float64).copy(),
-            label_calibration_mode=st["label_calibration_mode"].astype(np.int64).copy(),
-            label_threshold_kind=st["label_threshold_kind"].astype(np.int64).copy(),
-            global_threshold=float(st["global_threshold"][0]),
-            pooled_ratio_quantile=st["pooled_ratio_quantile"].astype(np.float64).copy(),
-            calibration_counts=st["calibration_counts"].astype(np.int64).copy(),
-        )
+        obj.thresholds = Thresholds.from_state(st)
         if not (1 <= obj.k <= n and 1 <= obj.k_novelty <= n):
             raise LabelStateError(f"label transfer state check failed: state has k={obj.k}, "
                                   f"k_novelty={obj.k_novelty} for {n} reference cells")

@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedarches.atomic import PRIVATE_FILE, PUBLIC_DIR, PUBLIC_FILE, make_dirs, write_bytes
-from fedarches.config import TrainConfig
+from fedarches.config import DEFAULT_LABEL_KNOWLEDGE, K_MIN, LabelKnowledge, TrainConfig
 from fedarches.errors import AtlasDirError, InvalidNameError, LineageError, ParentError, ReferenceExistsError, UnknownVersionError
 from fedarches.format.bundle import BundleSource
 from fedarches.format.canonical import canonical_json
@@ -303,12 +303,16 @@ class Atlas:
         layer: str | None = None,
         progress: bool = False,
         reference_studies: Sequence[str] | None = None,
+        label_knowledge: LabelKnowledge = DEFAULT_LABEL_KNOWLEDGE,
+        k_min: int = K_MIN,
     ) -> ReferenceBuild:
         """Train the reference (``server/reference.py``) and publish it as version 1.
 
         ``data`` is an AnnData or a path to ``.h5ad``; ``reference_studies``
         picks which values of ``condition_key`` form the reference (default:
         all). Refuses before training when the atlas already has a reference.
+        ``label_knowledge``: "summaries" publishes class summaries (every component
+        >= ``k_min`` cells, no per-cell array), "cells" the per-cell reference latent.
         Returns the lineage entry and a summary of what was built.
         """
         self._refuse_second_reference()
@@ -324,6 +328,8 @@ class Atlas:
             layer=layer,
             progress=progress,
             reference_studies=reference_studies,
+            label_knowledge=label_knowledge,
+            k_min=k_min,
         )
 
     def refresh(self, *, force: bool = False) -> bool:

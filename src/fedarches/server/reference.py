@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedarches.config import TrainConfig
+from fedarches.config import DEFAULT_LABEL_KNOWLEDGE, K_MIN, LabelKnowledge, TrainConfig
 from fedarches.data.io import read_h5ad
 from fedarches.format.version import LineageEntry
 from fedarches.reference_summary import ReferenceSummary, train_reference_with_summary
@@ -49,11 +49,18 @@ def train_reference(
     layer: str | None,
     progress: bool,
     reference_studies: Sequence[str] | None = None,
+    label_knowledge: LabelKnowledge = DEFAULT_LABEL_KNOWLEDGE,
+    k_min: int = K_MIN,
 ) -> tuple[Any, ReferenceSummary]:
-    """The reference model on the chosen studies of ``data`` (AnnData or ``.h5ad``) and its summary."""
+    """The reference model on the chosen studies of ``data`` (AnnData or ``.h5ad``) and its summary.
+
+    ``label_knowledge``: what version 1 publishes for label transfer: "summaries" (class
+    summaries, each component >= ``k_min`` cells, no per-cell array: the default for a
+    consortium reference once measured good enough) or "cells" (the per-cell reference latent)."""
     return train_reference_with_summary(read_h5ad(data), condition_key, label_key,
                                         reference_studies=reference_studies, kind=kind, n_genes=n_genes,
-                                        layer=layer, train=train, progress=progress)
+                                        layer=layer, train=train, progress=progress,
+                                        label_knowledge=label_knowledge, k_min=k_min)
 
 
 def build_reference(

@@ -1,0 +1,443 @@
+"""Label knowledge as class summaries: label transfer and unknown detection without reference cells.
+
+Why: a per-cell reference latent next to the decoder lets anyone who fetches the atlas
+decode every reference cell back to an expression profile (issue 9, invariant 8).
+What label transfer needs from the reference is much less: where each type lies
+(a few Gaussian components per label, each standing for >= ``k_min`` cells), how far
+a cell of a known type from a NEW study lies from them (per-label thresholds at the
+stated false-positive rate, measured across reference studies as the per-cell path
+does), and the median score a query of known types shows (the query-shift guard).
+All arrays are sized by labels, components and latent dimensions, never by cells.
+
+The call is the label-aware reference's classifier where the model has one; without
+it, a generative rule over components (``p(y | z)`` proportional to the sum over the
+label's components of ``count x N(z; component)``). The novelty score is the larger
+of the distance to the nearest component over its label's threshold and the class
+Gaussian score (:class:`fedarches.labels.novelty.ClassGaussianNovelty`), then the
+query-shift guard and the population statistic over QUERY cells
+(:mod:`fedarches.labels.query_shift`), exactly as in
+:class:`fedarches.labels.transfer.KNNLabelTransfer`. docs/LABELS.md has the figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy.special import logsumexp
+
+from fedarches.config import K_MIN
+from fedarches.errors import LabelStateError, LatentError, SettingError
+from fedarches.labels.calibration import (
+    MIN_LABEL_CELLS,
+    MODE_CROSS_STUDY,
+    MODE_LEAVE_ONE_OUT,
+    KIND_GLOBAL,
+    Thresholds,
+    batch_groups,
+    calibration_sample,
+    label_thresholds,
+)
+from fedarches.labels.components import (
+    STATISTICS,
+    Components,
+    fit_components,
+    gaussians,
+    label_parts,
+    label_statistic,
+    log_density,
+    mahalanobis,
+)
+from fedarches.labels.novelty import ClassGaussianNovelty
+from fedarches.labels.query_shift import neighbourhood_median, shift_factors, study_groups
+from fedarches.labels.transfer import UNKNOWN, LabelTransferResult
+from fedarches.neighbours import as_latent, encode_labels, resolve_workers
+
+__all__ = ["K_MIN", "ClassSummaries", "SummaryOptions", "state_bytes_bound"]
+
+STATE_FORMAT = 1
+CHUNK = 65536
+_GAUSSIAN_PREFIX = "gaussian."
+_COMPONENT_FIELDS = ("label", "count", "means", "whiten", "log_det")
+_PER_LABEL = ("label_thresholds", "label_calibration_mode", "label_threshold_kind", "calibration_counts")
+#: "cross-study": components refitted without each study, its cells measured against them (as the
+#: per-cell path calibrates); measured blind to CellBench's A549 (docs/LABELS.md), so not the default.
+CALIBRATIONS = ("in-sample", "cross-study")
+#: A label with fewer than k_min cells. "pad": with at least k_min / 2 cells it gets one
+#: component of its cells plus the nearest cells of other labels up to k_min (a majority of its
+#: own); smaller ones are "absorb"ed: their cells join the nearest component's geometry, so
+#: their type is not flagged novel, without a label of their own. "drop": no component and no
+#: cell in any (its query cells look novel). "pad-drop": pad, drop the rest. docs/LABELS.md
+#: has the measurements.
+SMALL_LABELS = ("pad", "absorb", "drop", "pad-drop")
+
+
+@dataclass(frozen=True)
+class SummaryOptions:
+    """How a label's cells become components (chosen by measurement: docs/LABELS.md)."""
+
+    k_min: int = K_MIN
+    cells_per_component: int = 20  # about this many cells per k-means cell
+    max_components: int = 32  # per label
+    statistic: str = "mahalanobis"  # distance novelty statistic: components.STATISTICS
+    calibration: str = "in-sample"  # CALIBRATIONS: thresholds from the label's own cells, or across studies
+    small_labels: str = "pad-drop"  # SMALL_LABELS: what becomes of a label with fewer than k_min cells
+
+    def check(self) -> None:
+        if self.small_labels not in SMALL_LABELS:
+            raise SettingError(f"setting check failed: small_labels must be one of {SMALL_LABELS}, "
+                               f"got {self.small_labels!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise SettingError(f"setting check failed: calibration must be one of {CALIBRATIONS}, "
+                               f"got {self.calibration!r}")
+        if self.statistic not in STATISTICS:
+            raise SettingError(f"setting check failed: statistic must be one of {STATISTICS}, got {self.statistic!r}")
+        if self.k_min < 2 or self.cells_per_component < 1 or self.max_components < 1:
+            raise SettingError(f"setting check failed: k_min must be >= 2, cells_per_component and "
+                               f"max_components >= 1, got {self}")
+
+
+def state_bytes_bound(n_labels: int, latent_dim: int, max_components: int = SummaryOptions.max_components) -> int:
+    """Largest size in bytes of :meth:`ClassSummaries.state`'s arrays (safetensors header aside):
+    a formula of labels, latent dimensions and components per label, never of cells. Per
+    component: label, count, log det (8 B each), mean (8 d), whitening factor (8 d^2); per label:
+    threshold, mode, kind, calibration count, Gaussian threshold (8 B each), fitted flag (1 B),
+    Gaussian mean and whitening factor (8 d + 8 d^2); 16 scalars of 8 B."""
+    d = int(latent_dim)
+    per_component = 24 + 8 * d + 8 * d * d
+    per_label = 41 + 8 * d + 8 * d * d
+    return int(n_labels) * (int(max_components) * per_component + per_label) + 16 * 8
+
+
+def _fit_label(z: np.ndarray, label: int, opts: SummaryOptions, seed: int, k_min: int | None = None) -> Components:
+    return fit_components(z, label, k_min=opts.k_min if k_min is None else k_min,
+                          cells_per_component=opts.cells_per_component, max_components=opts.max_components,
+                          seed=seed)
+
+
+def _own_statistic(z: np.ndarray, comps: Components, statistic: str) -> np.ndarray:
+    """Distance of each cell to the nearest of ``comps`` (one label's components)."""
+    if comps.n == 0:
+        return np.full(len(z), np.nan)
+    return label_statistic(z, comps, comps.label[:1], statistic)[:, 0]
+
+
+def _calibration(latent: np.ndarray, codes: np.ndarray, batches: object | None, cal: np.ndarray,
+                 published: Components, n_labels: int, opts: SummaryOptions, max_groups: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per calibration cell, the statistic its label is calibrated with (components fitted on
+    OTHER studies when the label occurs in two or more) and the in-sample one; per label the mode."""
+    cal_codes = codes[cal]
+    loo = np.full(cal.size, np.nan)
+    for y in range(n_labels):
+        rows = cal_codes == y
+        loo[rows] = _own_statistic(latent[cal[rows]], Components(*(getattr(published, f)[published.label == y]
+                                                                   for f in _COMPONENT_FIELDS)), opts.statistic)
+    stats = loo.copy()
+    mode = np.full(n_labels, MODE_LEAVE_ONE_OUT, dtype=np.int64)
+    if batches is None:
+        return stats, loo, mode
+    groups = batch_groups(batches, latent.shape[0], max_groups)
+    n_groups = int(groups.max()) + 1
+    present = np.zeros((n_labels, n_groups), dtype=bool)
+    present[codes, groups] = True
+    for y in np.flatnonzero(present.sum(axis=1) >= 2):
+        if not (published.label == y).any():
+            continue
+        mode[y] = MODE_CROSS_STUDY
+        for g in np.flatnonzero(present[y]):
+            members = np.flatnonzero((cal_codes == y) & (groups[cal] == g))
+            other = latent[(codes == y) & (groups != g)]
+            comps = _fit_label(other, y, opts, seed, k_min=min(opts.k_min, max(2, len(other))))
+            if members.size and comps.n:
+                stats[members] = _own_statistic(latent[cal[members]], comps, opts.statistic)
+    return stats, loo, mode
+
+
+@dataclass
+class ClassSummaries:
+    """Per-label latent components plus the calibration of the novelty test (see module doc).
+
+    Typical use::
+
+        s = ClassSummaries.fit(ref_latent, ref_labels, ref_batches=ref_studies)
+        state = s.state()                                   # numeric arrays, no per-cell array
+        s2 = ClassSummaries.from_state(state, s.label_categories)
+        res = s2.predict(query_latent, classifier_probabilities=p)   # LabelTransferResult
+    """
+
+    label_categories: list[str]
+    components: Components
+    thresholds: Thresholds
+    gaussian: ClassGaussianNovelty
+    options: SummaryOptions
+    fpr: float = 0.01
+    uncertainty_threshold: float = 0.5
+    reference_median_score: float = float("nan")
+    workers: int = 1
+
+    @property
+    def n_dims(self) -> int:
+        return int(self.components.means.shape[1])
+
+    @property
+    def n_components(self) -> int:
+        return self.components.n
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, ref_latent: np.ndarray, ref_labels: np.ndarray, ref_batches: np.ndarray | None = None, *,
+            label_categories: Sequence[str] | None = None, options: SummaryOptions | None = None,
+            fpr: float = 0.01, uncertainty_threshold: float = 0.5, min_label_cells: int = MIN_LABEL_CELLS,
+            max_calibration_cells: int = 100_000, max_groups: int = 10, seed: int = 0,
+            workers: int = 1) -> ClassSummaries:
+        """Summarise the reference: components per label (cells of labels below ``k_min`` join their
+        nearest component), per-label thresholds at ``fpr`` and the reference median score."""
+        opts = options or SummaryOptions()
+        opts.check()
+        if not 0.0 < float(fpr) < 1.0 or not 0.0 <= float(uncertainty_threshold) <= 1.0:
+            raise SettingError(f"setting check failed: fpr must be in (0, 1) and uncertainty_threshold in [0, 1], "
+                               f"got {fpr}, {uncertainty_threshold}")
+        latent = as_latent(ref_latent, "reference latent").astype(np.float64)
+        n, dims = latent.shape
+        cats, label_codes = encode_labels(ref_labels, n, label_categories)
+        n_labels = len(cats)
+        comps, codes = _summarise(latent, label_codes, n_labels, opts, seed)
+        kept = codes >= 0
+        latent, codes = latent[kept], codes[kept]
+        ref_batches = None if ref_batches is None else np.asarray(ref_batches)[kept]
+        cal = calibration_sample(codes, n_labels, int(max_calibration_cells), np.random.default_rng(seed))
+        batches = ref_batches if opts.calibration == "cross-study" else None
+        stats, loo, mode = _calibration(latent, codes, batches, cal, comps, n_labels, opts, int(max_groups), seed)
+        thresholds = label_thresholds(stats, loo, codes[cal], mode, n_labels, float(fpr), int(min_label_cells))
+        _unsummarised_global(thresholds, comps, n_labels)
+        gaussian = ClassGaussianNovelty().fit(latent, codes, n_labels, fpr=float(fpr))
+        own = thresholds.label_thresholds[codes[cal]]
+        ref_scores = np.maximum(stats / np.maximum(own, np.finfo(np.float64).tiny), gaussian.score(latent[cal]))
+        return cls(label_categories=cats, components=comps, thresholds=thresholds, gaussian=gaussian,
+                   options=opts, fpr=float(fpr), uncertainty_threshold=float(uncertainty_threshold),
+                   reference_median_score=float(np.median(ref_scores)), workers=resolve_workers(workers))
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, query_latent: np.ndarray, *, return_probabilities: bool = False,
+                query_batches: np.ndarray | None = None, adapt_to_query: bool = True,
+                classifier_probabilities: np.ndarray | None = None) -> LabelTransferResult:
+        """Label query cells from the summaries alone; the arguments and the result are those of
+        :meth:`fedarches.labels.transfer.KNNLabelTransfer.predict`. Without
+        ``classifier_probabilities`` the generative rule over components makes the call. With
+        fewer columns than labels (a classifier trained before labels were added to the
+        summaries: its labels are the first columns), labels beyond them take their generative
+        probability and the classifier's share the rest in its proportions."""
+        q = as_latent(query_latent, "query latent").astype(np.float64)
+        if q.shape[1] != self.n_dims:
+            raise LatentError(f"latent check failed: query latent has {q.shape[1]} dimensions but the label "
+                              f"summaries have {self.n_dims}; embed the query with the same model")
+        n, n_labels = q.shape[0], len(self.label_categories)
+        clf = None if classifier_probabilities is None else self._check_probabilities(classifier_probabilities, n)
+        # the generative rule is needed for labels the classifier lacks, or when asked for
+        need_gen = clf is None or clf.shape[1] < n_labels or return_probabilities
+        gen = np.zeros((n, n_labels), dtype=np.float64)
+        dist = np.empty(n, dtype=np.float64)
+        present = np.unique(self.components.label)
+        thr = np.maximum(self.thresholds.label_thresholds[present], np.finfo(np.float64).tiny)
+        for start in range(0, n, CHUNK):
+            zc = q[start:start + CHUNK]
+            maha = mahalanobis(zc, self.components)
+            stat = label_statistic(zc, self.components, present, self.options.statistic, maha)
+            dist[start:start + CHUNK] = (stat / thr[None, :]).min(axis=1) if stat.shape[1] else np.inf
+            if need_gen:
+                gen[start:start + CHUNK] = self._posterior(maha)
+        lp = gen if clf is None else self._combine(clf, gen)
+        code = lp.argmax(axis=1).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
+        unc = np.clip(1.0 - lp[np.arange(n), code], 0.0, 1.0).astype(np.float32)
+        return self._result(q, code, unc, dist, gen.astype(np.float32) if return_probabilities else None,
+                            query_batches, adapt_to_query)
+
+    def _posterior(self, maha: np.ndarray) -> np.ndarray:
+        """p(label | z) from count-weighted component densities; labels without components get 0."""
+        dens = log_density(maha, self.components)
+        per_label = np.full((maha.shape[0], len(self.label_categories)), -np.inf)
+        for y in np.unique(self.components.label):
+            per_label[:, y] = logsumexp(dens[:, self.components.label == y], axis=1)
+        return np.exp(per_label - logsumexp(per_label, axis=1, keepdims=True))
+
+    @staticmethod
+    def _combine(classifier: np.ndarray, gen: np.ndarray) -> np.ndarray:
+        """The classifier's p(label | z) over its own labels, the generative rule's for the rest."""
+        m = classifier.shape[1]
+        if m == gen.shape[1]:
+            return classifier
+        added = gen[:, m:]
+        return np.concatenate([classifier * (1.0 - added.sum(axis=1, keepdims=True)), added], axis=1)
+
+    def _check_probabilities(self, probabilities: np.ndarray, n: int) -> np.ndarray:
+        lp = np.asarray(probabilities, dtype=np.float64)
+        if lp.ndim != 2 or lp.shape[0] != n or not 1 <= lp.shape[1] <= len(self.label_categories) \
+                or not np.isfinite(lp).all():
+            raise LatentError(f"latent check failed: label probabilities of shape {lp.shape} (finite: "
+                              f"{bool(np.isfinite(lp).all())}) for {n} cells and {len(self.label_categories)} labels")
+        return lp
+
+    def _result(self, q: np.ndarray, code: np.ndarray, unc: np.ndarray, distance_score: np.ndarray,
+                probs: np.ndarray | None, batches: np.ndarray | None, adapt: bool) -> LabelTransferResult:
+        n = q.shape[0]
+        gaussian_score = self.gaussian.score(q)
+        raw = np.maximum(distance_score, gaussian_score)
+        if adapt and n:
+            groups = study_groups(batches, n)
+            shift = shift_factors(raw, groups, self.reference_median_score)
+            score = np.maximum(raw / shift, neighbourhood_median(q, raw / shift, groups, workers=self.workers))
+        else:
+            shift, score = np.ones(n, dtype=np.float64), raw
+        is_novel = score > 1.0
+        is_unknown = is_novel | (unc > self.uncertainty_threshold)
+        knn_pred = np.asarray(self.label_categories, dtype=object)[code] if n else np.zeros(0, dtype=object)
+        pred = knn_pred.copy()
+        pred[is_unknown] = UNKNOWN
+        return LabelTransferResult(
+            prediction=pred, knn_prediction=knn_pred, knn_code=code, uncertainty=unc,
+            novelty_score=score.astype(np.float32), is_novel=is_novel, is_unknown=is_unknown, probabilities=probs,
+            distance_score=distance_score.astype(np.float32), gaussian_score=gaussian_score.astype(np.float32),
+            query_shift=shift.astype(np.float32))
+
+    # ------------------------------------------------------------------ growth
+    def merged(self, added: ClassSummaries) -> ClassSummaries:
+        """Label knowledge grown by merge, by label NAME: ``added``'s components join (an existing
+        label gains them, a new label is appended; new names sorted, so merge order does not
+        change the result); each label keeps the calibration (threshold, class Gaussian) of the
+        summaries that introduced it, and the query-shift guard keeps this reference's median."""
+        if added.n_dims != self.n_dims:
+            raise LabelStateError(f"label summaries check failed: {added.n_dims}-dimensional summaries cannot join "
+                                  f"{self.n_dims}-dimensional ones")
+        new = sorted(set(added.label_categories) - set(self.label_categories))
+        cats = [*self.label_categories, *new]
+        index = {c: i for i, c in enumerate(cats)}
+        remap = np.array([index[c] for c in added.label_categories], dtype=np.int64)
+        comps = Components.concat([self.components, replace(added.components, label=remap[added.components.label])],
+                                  self.n_dims)
+        src = np.array([added.label_categories.index(c) for c in new], dtype=np.int64)
+        t, a = self.thresholds, added.thresholds
+        thresholds = Thresholds(**{f: np.concatenate([getattr(t, f), getattr(a, f)[src]]) for f in _PER_LABEL},
+                                global_threshold=t.global_threshold, pooled_ratio_quantile=t.pooled_ratio_quantile)
+        gaussian = ClassGaussianNovelty.from_state({k: np.concatenate([v, added.gaussian.state()[k][src]])
+                                                    if k != "fpr" else v for k, v in self.gaussian.state().items()})
+        return replace(self, label_categories=cats, components=comps, thresholds=thresholds, gaussian=gaussian)
+
+    # ------------------------------------------------------------------ persistence
+    def state(self) -> dict[str, np.ndarray]:
+        """Numeric arrays only, sized by labels, components and latent dimensions (never cells);
+        label names travel in the model manifest, indexed by the label codes used here."""
+        t = self.thresholds
+        return {
+            "format": np.array([STATE_FORMAT], dtype=np.int64),
+            "k_min": np.array([self.options.k_min], dtype=np.int64),
+            "cells_per_component": np.array([self.options.cells_per_component], dtype=np.int64),
+            "max_components": np.array([self.options.max_components], dtype=np.int64),
+            "statistic": np.array([STATISTICS.index(self.options.statistic)], dtype=np.int64),
+            "calibration": np.array([CALIBRATIONS.index(self.options.calibration)], dtype=np.int64),
+            "small_labels": np.array([SMALL_LABELS.index(self.options.small_labels)], dtype=np.int64),
+            "fpr": np.array([self.fpr], dtype=np.float64),
+            "uncertainty_threshold": np.array([self.uncertainty_threshold], dtype=np.float64),
+            "reference_median_score": np.array([self.reference_median_score], dtype=np.float64),
+            **{f"component_{f}": np.ascontiguousarray(getattr(self.components, f)) for f in _COMPONENT_FIELDS},
+            **t.state(),
+            **{_GAUSSIAN_PREFIX + k: v for k, v in self.gaussian.state().items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray], label_categories: Sequence[str], *,
+                   workers: int = 1) -> ClassSummaries:
+        """Rebuild from :meth:`state`; refuses a state that is incomplete, of another format, whose
+        arrays do not match the label count, or with a component below its ``k_min``."""
+        st = {k: np.asarray(v) for k, v in state.items()}
+        try:
+            if int(st["format"].ravel()[0]) != STATE_FORMAT:
+                raise LabelStateError(f"label summaries check failed: state format {int(st['format'].ravel()[0])} "
+                                      f"is not supported (expected {STATE_FORMAT})")
+            comps = Components(*(st[f"component_{f}"].astype(np.float64 if f in ("means", "whiten", "log_det")
+                                                              else np.int64) for f in _COMPONENT_FIELDS))
+            opts = SummaryOptions(int(st["k_min"].ravel()[0]), int(st["cells_per_component"].ravel()[0]),
+                                  int(st["max_components"].ravel()[0]),
+                                  STATISTICS[int(st["statistic"].ravel()[0])],
+                                  CALIBRATIONS[int(st["calibration"].ravel()[0])],
+                                  SMALL_LABELS[int(st["small_labels"].ravel()[0])])
+            thresholds = Thresholds.from_state(st)
+            gaussian = ClassGaussianNovelty.from_state({k[len(_GAUSSIAN_PREFIX):]: v for k, v in st.items()
+                                                        if k.startswith(_GAUSSIAN_PREFIX)})
+            out = cls(label_categories=[str(c) for c in label_categories], components=comps, thresholds=thresholds,
+                      gaussian=gaussian, options=opts, fpr=float(st["fpr"].ravel()[0]),
+                      uncertainty_threshold=float(st["uncertainty_threshold"].ravel()[0]),
+                      reference_median_score=float(st["reference_median_score"].ravel()[0]),
+                      workers=resolve_workers(workers))
+        except KeyError as exc:
+            raise LabelStateError(f"label summaries check failed: state is missing {exc.args[0]!r}") from exc
+        out._check_shapes()
+        return out
+
+    def _check_shapes(self) -> None:
+        c, n_labels = self.components, len(self.label_categories)
+        d = c.means.shape[1] if c.means.ndim == 2 else -1
+        problems = []
+        if not (c.label.shape == c.count.shape == c.log_det.shape == (c.n,) and c.means.shape == (c.n, d)
+                and c.whiten.shape == (c.n, d, d)):
+            problems.append("component arrays disagree in shape")
+        if c.n and (c.label.min() < 0 or c.label.max() >= n_labels):
+            problems.append(f"component labels outside the {n_labels} label categories")
+        if c.n and int(c.count.min()) < self.options.k_min:
+            problems.append(f"a component stands for {int(c.count.min())} cells, fewer than k_min "
+                            f"{self.options.k_min}")
+        if self.thresholds.label_thresholds.shape != (n_labels,) or self.gaussian.means.shape != (n_labels, d):
+            problems.append(f"per-label arrays do not match {n_labels} labels")
+        if problems:
+            raise LabelStateError("label summaries check failed: " + "; ".join(problems))
+
+
+def _summarise(latent: np.ndarray, codes: np.ndarray, n_labels: int, opts: SummaryOptions,
+               seed: int) -> tuple[Components, np.ndarray]:
+    """Components of every label with >= k_min cells, and what becomes of smaller labels
+    (``opts.small_labels``, see :data:`SMALL_LABELS`). Returns the components and each cell's
+    effective label code (-1: in no component)."""
+    part = np.full(len(codes), -1, dtype=np.int64)
+    members: list[np.ndarray] = []
+    owners: list[int] = []
+    for y in range(n_labels):
+        rows = np.flatnonzero(codes == y)
+        p = label_parts(latent[rows], k_min=opts.k_min, cells_per_component=opts.cells_per_component,
+                        max_components=opts.max_components, seed=seed)
+        for c in range(int(p.max()) + 1 if rows.size else 0):
+            part[rows[p == c]] = len(owners)
+            members.append(rows[p == c])
+            owners.append(y)
+    if not owners:
+        raise LatentError(f"latent check failed: no label has {opts.k_min} reference cells (k_min); "
+                          "nothing can be summarised")
+    small = [y for y in range(n_labels) if 0 < (codes == y).sum() < opts.k_min]
+    eff = codes.copy()
+    if opts.small_labels.startswith("pad"):
+        for y in [y for y in small if 2 * (codes == y).sum() >= opts.k_min]:
+            rows = np.flatnonzero(codes == y)
+            others = np.flatnonzero((codes != y) & (part >= 0))
+            near = others[np.argsort(((latent[others] - latent[rows].mean(0)) ** 2).sum(1))[:opts.k_min - rows.size]]
+            part[rows] = len(owners)
+            members.append(np.concatenate([rows, near]))
+            owners.append(y)
+    comps = gaussians([latent[m] for m in members], owners)
+    rest = np.flatnonzero(part < 0)
+    if rest.size and opts.small_labels in ("absorb", "pad"):
+        nearest = mahalanobis(latent[rest], comps).argmin(axis=1)
+        for c in np.unique(nearest):
+            members[c] = np.concatenate([members[c], rest[nearest == c]])
+        comps = gaussians([latent[m] for m in members], owners)
+        eff[rest] = comps.label[nearest]
+    elif rest.size:
+        eff[rest] = -1
+    return comps, eff
+
+
+def _unsummarised_global(thresholds: Thresholds, comps: Components, n_labels: int) -> None:
+    """A label with no component (fewer than k_min cells) publishes no threshold of its own."""
+    missing = np.setdiff1d(np.arange(n_labels), comps.label)
+    thresholds.label_thresholds[missing] = thresholds.global_threshold
+    thresholds.label_threshold_kind[missing] = KIND_GLOBAL
+    thresholds.calibration_counts[missing] = 0
