@@ -6,19 +6,19 @@ known type. What separates them is *shape*: each known type occupies an elongate
 region, and an unseen type sits off every one of them. One Gaussian per reference
 label (mean + OAS-shrunk covariance); a query cell is novel when no label accepts it.
 
-Why the thresholds are cross-validated: a label's own cells lie closer to a
-Gaussian fitted on them than new cells of the same type do, and the gap grows as
-the label shrinks (with 18 cells in 10 dimensions the in-sample 99th percentile is
-far inside the honest one), so in-sample thresholds flag a small known type of a
-new study as novel. Each label's threshold is the ``1 - fpr`` quantile of its cells'
+Why thresholds are cross-validated for labels large enough to have their own shape
+(``own_shape_cells``): a label's own cells lie closer to a Gaussian fitted on them
+than new cells of the same type do, so an in-sample quantile flags that type's cells
+from a new study. Such a label's threshold is the ``1 - fpr`` quantile of its cells'
 distances to a Gaussian fitted without them (``FOLDS``-fold).
 
-Why small labels share a shape and a threshold: a label with too few cells for its
-own covariance (fewer than ``own_shape_cells``) would get an honest threshold so
-wide that it accepts every unseen type in the latent. Such labels use the pooled
-within-label covariance and one threshold, the ``1 - fpr`` quantile of every
-reference cell's cross-validated distance under that pooled shape. Measured effect:
-docs/LABELS.md.
+Why smaller labels keep the in-sample quantile: with a few dozen cells or fewer, the
+honest region is so wide that it accepts the unseen types that sit next to the label
+in the latent (on PBMC, B cells inside the region of 18 DC cells). A small label is
+kept conservative on purpose: it accepts only what lies within the spread of the
+cells it has, and pays with some false alarms on its own new cells. Labels with
+fewer than ``MIN_CELLS`` cells use the pooled within-label covariance. Measured
+effect: docs/LABELS.md.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from sklearn.covariance import OAS
 
 from fedarches.errors import SettingError
 
+MIN_CELLS = 5  # fewer cells: the pooled within-label covariance
 FOLDS = 5  # cross-validation folds of the thresholds
 
 
 def own_shape_cells(dims: int) -> int:
-    """Cells a label needs for its own covariance and threshold: three per latent
-    dimension, and never fewer than 30."""
+    """Cells a label needs for a cross-validated threshold: three per latent dimension,
+    and never fewer than 30."""
     return max(30, 3 * dims)
 
 
@@ -44,13 +45,13 @@ def _whitener(cov: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(np.linalg.inv(cov))
 
 
-def _held_out_distances(zc: np.ndarray, folds: np.ndarray, shape) -> np.ndarray:
-    """Each cell's Mahalanobis distance to the label's mean (and, through ``shape``,
-    covariance) estimated without its fold: what a new cell of the label would show."""
+def _held_out_distances(zc: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Each cell's Mahalanobis distance to the label's mean and covariance estimated
+    without its fold: what a new cell of the label would show."""
     out = np.empty(len(zc))
     for k in np.unique(folds):
         part = zc[folds != k]
-        w = shape(part)
+        w = _whitener(OAS().fit(part).covariance_)
         out[folds == k] = np.sqrt(np.square((zc[folds == k] - part.mean(0)) @ w).sum(1))
     return out
 
@@ -78,29 +79,22 @@ class ClassGaussianNovelty:
         self.fitted = np.zeros(n_labels, dtype=bool)
         rng = np.random.default_rng(0)
         members = [np.flatnonzero(codes == c) for c in range(n_labels)]
-        folds = [rng.permutation(len(m)) % FOLDS for m in members]
         centred = [z[m] - z[m].mean(0) for m in members if len(m) > 1]
         pooled = _whitener(OAS().fit(np.vstack(centred)).covariance_ if centred else np.eye(d))
         own_shape = own_shape_cells(d)
-        shared: list[np.ndarray] = []  # cross-validated distances under the pooled shape
         for c, m in enumerate(members):
             if len(m) == 0:
                 continue
             zc = z[m]
             self.means[c] = zc.mean(0)
             self.fitted[c] = True
-            if len(m) >= 2:
-                shared.append(_held_out_distances(zc, folds[c], lambda part: pooled))
+            self.whiten[c] = _whitener(OAS().fit(zc).covariance_) if len(m) >= MIN_CELLS else pooled
             if len(m) >= own_shape:
-                self.whiten[c] = _whitener(OAS().fit(zc).covariance_)
-                own = _held_out_distances(zc, folds[c], lambda part: _whitener(OAS().fit(part).covariance_))
-                self.thresholds[c] = max(float(np.quantile(own, 1.0 - fpr)), 1e-12)
+                folds = rng.permutation(len(m)) % FOLDS
+                own = _held_out_distances(zc, folds)
             else:
-                self.whiten[c] = pooled
-        small = self.fitted & ~np.isfinite(self.thresholds)
-        if small.any():
-            pooled_threshold = float(np.quantile(np.concatenate(shared), 1.0 - fpr)) if shared else np.inf
-            self.thresholds[small] = max(pooled_threshold, 1e-12)
+                own = self._distance(zc, c)
+            self.thresholds[c] = max(float(np.quantile(own, 1.0 - fpr)), 1e-12)
         return self
 
     def _distance(self, z: np.ndarray, c: int) -> np.ndarray:
