@@ -121,7 +121,10 @@ def run_site_job(site: SiteConfig, request: MapRequest, deadline: float) -> MapR
     with _lock:
         try:
             _write_job(jobdir, site, request, deadline)
-            if _warm is None or _warm.proc.poll() is not None:
+            if _warm is not None and _warm.proc.poll() is not None:  # died while idle
+                _warm.close()
+                _warm = None
+            if _warm is None:
                 _warm = _JobProcess()
             code = _warm.run(jobdir, deadline)
             if code != 0:  # killed at the deadline, or died: never reused
