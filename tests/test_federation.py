@@ -181,7 +181,7 @@ def test_site_maps_new_studies_and_reports_nothing_new(world, tmp_path):
     """The ClientApp's work without Flower: contribute, then 'nothing new' on the merged
     version; a wrong trust root is an error naming the failed check."""
     from fedarches.errors import FedarchesError
-    from fedarches.federation.client_app import handle_request
+    from fedarches.federation.site_job import handle_request
     from fedarches.server import make_server
 
     atlas = _copy_atlas(world, tmp_path / "atlas")

@@ -319,6 +319,12 @@ class ContributionContentError(ContributionError):
     check = "contribution check"
 
 
+class DeadlineError(ContributionError):
+    """A site's job ran past the round's deadline and was stopped; nothing was sent."""
+
+    check = "deadline check"
+
+
 def check_classes() -> list[type[FedarchesError]]:
     """Every per-check class (those with a ``check`` name), for tests and docs."""
     out: list[type[FedarchesError]] = []

@@ -58,6 +58,7 @@ class RoundReport:
     head_number: int = 0
     head_id: str = ""
     seconds: float = 0.0
+    wait_seconds: float = 0.0  # asking the sites and waiting for them (at most the round timeout)
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -143,6 +144,7 @@ def run_round(grid: Grid, atlas: Any, cfg: RunConfig, url: str, rnd: int, run_di
     messages = [Message(content=request.to_content(), dst_node_id=n, message_type=MessageType.TRAIN,
                         ttl=float(cfg.round_timeout), group_id=str(rnd)) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout)) if nodes else []
+    report.wait_seconds = round(time.monotonic() - t0, 2)
 
     sent: list[tuple[Path, SiteOutcome]] = []
     for reply in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):

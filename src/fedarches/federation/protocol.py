@@ -49,13 +49,16 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedarches.atomic import PUBLIC_FILE, write_text
-from fedarches.client.site import STATUS_CONTRIBUTED, STATUS_NOTHING_NEW
 from fedarches.errors import FedarchesError, ProtocolError, SettingError
-from fedarches.format.bundle import MAX_BUNDLE_BYTES
 
 PROTOCOL = "fedarches.map/1"
 RECORD = "fedarches"
 METRICS = "metrics"
+# The site job's outcomes, as `fedarches.client.site` names them (a test keeps them equal). Written
+# out rather than imported: this module is what a ClientApp process loads before any message
+# arrives, and the site's libraries (torch, anndata) load in the job process only.
+STATUS_CONTRIBUTED = "contributed"
+STATUS_NOTHING_NEW = "nothing-new"
 STATUS_FAILED = "failed"
 STATUSES = (STATUS_CONTRIBUTED, STATUS_NOTHING_NEW, STATUS_FAILED)
 ERROR_INTERNAL = 5001  # a bug or an environment problem at the site
@@ -159,6 +162,8 @@ class MapReply:
         status = str(rec.get("status", ""))
         if status not in STATUSES:
             raise ProtocolError(f"protocol check failed: reply status {status!r} is not one of {STATUSES}")
+        from fedarches.format.bundle import MAX_BUNDLE_BYTES
+
         bundle = rec.get("bundle", b"")
         if not isinstance(bundle, bytes):
             raise ProtocolError("protocol check failed: reply field 'bundle' is not bytes")
@@ -194,7 +199,13 @@ def reply_metrics(values: Mapping[str, Any]) -> dict[str, float | int]:
 
 # --------------------------------------------------------------------------- site config
 
-NODE_KEYS = ("site", "data", "condition-key", "key-dir", "out-dir", "trust-root", "epochs", "conditions-per-round")
+NODE_KEYS = ("site", "data", "condition-key", "key-dir", "out-dir", "trust-root", "epochs", "conditions-per-round",
+             "fault", "fault-rounds")
+#: What a ``fault`` node config makes a site do mid-round, as a broken site would (a test hook:
+#: the fault tests and benchmarks/faults.py drive real site processes with it). ``crash``: the
+#: job raises; ``kill``: the site's process dies (SIGKILL); ``hang``: it sleeps past any
+#: deadline; ``garbage``: it sends its signed bundle with corrupted bytes.
+FAULTS = ("crash", "kill", "hang", "garbage")
 REQUIRED_NODE_KEYS = ("site", "data", "condition-key", "key-dir")
 
 
@@ -210,7 +221,9 @@ class SiteConfig:
     TLS-authenticated Flower channel), ``epochs`` (overrides the coordinator's),
     ``conditions-per-round`` (map at most this many new studies per round, first
     ones first; 0 = all). If the data holds the atlas's label column, the site
-    scores label transfer against it and reports only the scores.
+    scores label transfer against it and reports only the scores. ``fault`` (one of
+    `FAULTS`) and ``fault-rounds`` (comma-separated round numbers; empty = every
+    round) are a test hook that makes the site misbehave mid-round.
     """
 
     site: str
@@ -221,6 +234,12 @@ class SiteConfig:
     trust_root: Path | None = None
     epochs: int | None = None
     conditions_per_round: int = 0
+    fault: str = ""
+    fault_rounds: tuple[int, ...] = ()
+
+    def fault_in(self, rnd: int) -> str:
+        """The fault this site injects in round ``rnd`` ("" = none)."""
+        return self.fault if self.fault and (not self.fault_rounds or rnd in self.fault_rounds) else ""
 
     @property
     def results_dir(self) -> Path:
@@ -241,6 +260,14 @@ class SiteConfig:
             return str(v) if v is not None and str(v).strip() != "" else None
 
         epochs = cfg.get("epochs")
+        fault = opt("fault") or ""
+        if fault and fault not in FAULTS:
+            raise SettingError(f"setting check failed: {where} fault={fault!r}; allowed: {', '.join(FAULTS)}")
+        try:
+            rounds = tuple(int(r) for r in str(cfg.get("fault-rounds", "") or "").replace(",", " ").split())
+        except ValueError:
+            raise SettingError(f"setting check failed: {where} fault-rounds={cfg.get('fault-rounds')!r} "
+                               "is not a list of round numbers") from None
         return cls(
             site=str(cfg["site"]),
             data=Path(os.path.expanduser(str(cfg["data"]))),
@@ -250,6 +277,8 @@ class SiteConfig:
             trust_root=Path(os.path.expanduser(opt("trust-root"))) if opt("trust-root") else None,
             epochs=int(epochs) if epochs not in (None, "") and int(epochs) > 0 else None,
             conditions_per_round=int(cfg.get("conditions-per-round", 0) or 0),
+            fault=fault,
+            fault_rounds=rounds,
         )
 
     def to_node_config(self) -> dict[str, str | int]:
@@ -267,6 +296,10 @@ class SiteConfig:
             out["epochs"] = int(self.epochs)
         if self.conditions_per_round:
             out["conditions-per-round"] = int(self.conditions_per_round)
+        if self.fault:
+            out["fault"] = self.fault
+        if self.fault_rounds:
+            out["fault-rounds"] = ",".join(str(r) for r in self.fault_rounds)
         return out
 
 

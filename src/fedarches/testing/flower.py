@@ -485,15 +485,21 @@ class LocalFederation:
         run_config: Mapping[str, Any] | None = None,
         *,
         num_supernodes: int | None = None,
+        parallel: int | None = None,
         timeout: float = 1800.0,
         echo: bool | Callable[[str], None] = False,
     ) -> RunResult:
+        """``parallel`` (simulation): how many simulated SuperNodes run their ClientApp
+        at once. Default: one per core (two train at once on two cores); more lets
+        sites that only wait (a hung one) not keep the others queued."""
         fed: dict[str, Any] | None = None
         if self.simulation:
             if not num_supernodes:
                 raise ValueError("a simulation run needs num_supernodes")
-            # One CPU per simulated SuperNode: two of them train at once on two cores.
+            # One Ray CPU per ClientApp; telling Ray of more CPUs than cores runs more at once.
             fed = {"num-supernodes": int(num_supernodes), "client-resources-num-cpus": 1}
+            if parallel:
+                fed["init-args-num-cpus"] = int(parallel)
         return self.cli.run(app_dir, self.connection, run_config, fed, timeout=timeout, echo=echo)
 
     def stop(self) -> None:
