@@ -56,10 +56,13 @@ def test_site_job_is_stopped_at_its_deadline_and_a_crash_is_an_error(world, tmp_
     atlas = _copy_atlas(world, tmp_path / "atlas")
     server = make_server(atlas.repository_dir, "127.0.0.1", 0)
     server.start_background()
+    leftover = tmp_path / "site-b-results" / ".jobs" / "round-1-killed"  # a killed ClientApp's job folder
+    leftover.mkdir(parents=True)
     try:
         with pytest.raises(SiteProcessError, match="site site-b: RuntimeError: injected fault"):
             run_site_job(_site(world, "site-b", tmp_path, fault="crash"), _request(atlas, server.url),
                          deadline=time.time() + 60)
+        assert not leftover.exists()  # swept by the next job
         warm = worker._warm.proc
         assert warm.poll() is None  # an exception leaves the job process usable for the next job
         t0 = time.monotonic()

@@ -117,8 +117,10 @@ def run_site_job(site: SiteConfig, request: MapRequest, deadline: float) -> MapR
     started = time.time()
     if deadline <= started:
         return _late(site, request, started, started)
-    jobdir = site.results_dir / ".jobs" / f"round-{request.round}-{uuid.uuid4().hex[:12]}"
-    make_dirs(jobdir.parent, PRIVATE_DIR)
+    jobs = site.results_dir / ".jobs"
+    _sweep(jobs)
+    jobdir = jobs / f"round-{request.round}-{uuid.uuid4().hex[:12]}"
+    make_dirs(jobs, PRIVATE_DIR)
     jobdir.mkdir(mode=PRIVATE_DIR, exist_ok=False)
     os.chmod(jobdir, PRIVATE_DIR)  # whatever the umask
     with _lock:
@@ -138,6 +140,14 @@ def run_site_job(site: SiteConfig, request: MapRequest, deadline: float) -> MapR
             return _read_reply(jobdir, code, site.site)
         finally:
             shutil.rmtree(jobdir, ignore_errors=True)
+
+
+def _sweep(jobs: Path) -> None:
+    """Remove job folders a killed ClientApp process left (every other end removes its
+    own): a site runs one job at a time, so any folder there now is a leftover."""
+    if jobs.is_dir():
+        for old in jobs.iterdir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _late(site: SiteConfig, request: MapRequest, started: float, stopped: float) -> MapReply:
