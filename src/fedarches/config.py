@@ -114,3 +114,6 @@ class MapSettings(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     conditions_per_round: int = Field(default=0, ge=0)  # 0 = map every new condition
     progress: bool = False
+    # obs column of the site's own labels: share their class summaries in the bundle (opt-in;
+    # only onto a version whose label knowledge is summaries). None: share no label knowledge.
+    share_labels: str | None = None

@@ -102,6 +102,13 @@ class LabelStateError(InputDataError):
     check = "label transfer state check"
 
 
+class LabelShareError(InputDataError):
+    """``--share-labels`` cannot be honoured: the version holds no label summaries, or no label
+    of the site has ``k_min`` cells."""
+
+    check = "label share check"
+
+
 class OutputPathError(InputDataError):
     """An output path exists and is not something this command may replace."""
 
@@ -305,6 +312,12 @@ class ParentError(ContributionError):
 
 class ConditionCollisionError(ContributionError):
     check = "condition collision"
+
+
+class LabelPartError(ContributionError):
+    """A bundle's shared label summaries are malformed: fields, shapes, values, k_min, dimensions."""
+
+    check = "label part check"
 
 
 class FrozenWeightsError(ContributionError):

@@ -437,7 +437,9 @@ class FedArchesModel:
         c = self.config
         if not (c.n_labels and c.classifier_weight > 0) or self.reference is None:
             return None
-        if c.n_labels != len(self.reference.categories):
+        # summaries grown by merge append labels after the classifier's own (ClassSummaries.merged)
+        known = len(self.reference.categories)
+        if c.n_labels > known or (c.n_labels != known and self.reference.knowledge == "cells"):
             return None
         out = np.empty((latent.shape[0], c.n_labels), dtype=np.float32)
         for start in range(0, latent.shape[0], 65536):

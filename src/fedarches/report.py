@@ -138,6 +138,8 @@ class SiteReport:
     plan: PlanView
     map: MapReport | None = None
     bundle: BundleInfo | None = None
+    # --share-labels: the key, k_min, labels shared and left out with their cell counts (stays here)
+    labels: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = self.map.to_dict() if self.map is not None else {}
@@ -147,6 +149,8 @@ class SiteReport:
         out["plan"] = {"present": list(self.plan.present), "held": list(self.plan.held), "new": list(self.plan.new)}
         if self.bundle is not None:
             out["bundle"] = self.bundle.to_dict()
+        if self.labels is not None:
+            out["labels"] = dict(self.labels)
         return out
 
 

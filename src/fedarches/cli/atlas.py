@@ -153,6 +153,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for e in result.published:
         parents = ", ".join(str(n) for n in e.parent_numbers)
         print(f"published version {e.number} (id {e.id}) on branch {e.branch!r}, parents [{parents}]: {_conditions(e)}")
+        _print_labels(e.labels)
+    for c in result.label_conflicts:
+        print(c.line())
     if not result.published:
         head = result.head
         print(f"nothing new to publish; head of main is version {head.number if head else '-'}")
@@ -179,7 +182,16 @@ def cmd_log(args: argparse.Namespace) -> int:
         print(f"      added {len(added)} of {total} conditions:")
         for c in added:
             print(f"        {c.name}@{c.site}{_metric_note(c.metrics)}")
+        _print_labels(e.labels)
     return 0
+
+
+def _print_labels(labels) -> None:  # type: ignore[no-untyped-def]
+    """The label components a version added (label summaries), by label and source site."""
+    if labels:
+        print(f"      added {sum(r.components for r in labels)} label components:")
+    for r in labels:
+        print(f"        {r.name}@{r.site}: {r.components} components, {r.cells} cells")
 
 
 def _print_key_changes(changes) -> None:  # type: ignore[no-untyped-def]

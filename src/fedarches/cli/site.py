@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--version", type=int, default=None, help="version number to map onto (default: newest)")
     plot_option(q)
     map_options(q)
+    q.add_argument("--share-labels", default=None, metavar="KEY",
+                   help="obs column of this site's own labels: class summaries of labels with >= k_min cells "
+                   "travel signed in the bundle (only onto a version built with --label-knowledge summaries)")
     q.add_argument("--out", required=True, metavar="OUT_DIR")
     q.set_defaults(func=cmd_map)
 
@@ -81,7 +84,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         data=args.data,
         condition_key=args.condition_key,
         out_dir=args.out,
-        settings=map_settings(args),
+        settings=map_settings(args).model_copy(update={"share_labels": args.share_labels}),
         version=args.version,
         cache_dir=args.cache,
     )
@@ -98,6 +101,12 @@ def cmd_map(args: argparse.Namespace) -> int:
     if m.label_transfer is not None and m.label_transfer.accuracy_known is not None:
         print(f"label transfer accuracy on known types: {m.label_transfer.accuracy_known:.3f}")
     print(f"results (stay here): {r.query_path}, {r.report_path}")
+    if r.report.labels is not None:
+        lab = r.report.labels
+        print(f"label summaries shared (k_min {lab['k_min']}): {', '.join(sorted(lab['shared']))}")
+        if lab["left_out"]:
+            print(f"labels left out (fewer than {lab['k_min']} cells): "
+                  + ", ".join(f"{n} ({c})" for n, c in sorted(lab["left_out"].items())))
     print(f"contribution (send this file to the coordinator): {r.bundle_path} ({b.bytes} bytes)")
     if args.plot:
         import anndata as ad

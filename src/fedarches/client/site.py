@@ -30,11 +30,19 @@ from pydantic import ValidationError
 from fedarches.atomic import make_dirs, replace_dir, staged_dir, write_bytes
 from fedarches.client.contribution import contribution_tensors
 from fedarches.client.fetch import AtlasClient
+from fedarches.client.labels import LabelSharePlan, label_part, plan_label_share
 from fedarches.client.plan import ContributionPlan, plan_contribution
 from fedarches.config import MapSettings
 from fedarches.data.io import read_h5ad
 from fedarches.errors import FedarchesError, ManifestError, ModelFileError, VersionManifestError
-from fedarches.format.bundle import BUNDLE_FILE, create_bundle, expected_tensor_bytes, read_bundle
+from fedarches.format.bundle import (
+    BUNDLE_FILE,
+    bundle_components,
+    create_bundle,
+    expected_tensor_bytes,
+    label_part_bytes,
+    read_bundle,
+)
 from fedarches.format.signing import PrivateKey, load_site_key
 from fedarches.format.version import AtlasVersion, read_atlas_version
 from fedarches.mapping import MODEL_SUBDIR, QUERY_FILE, REPORT_FILE, check_out_dir, write_mapped, write_report
@@ -98,13 +106,16 @@ def read_parent(parent_dir: str | os.PathLike[str]) -> AtlasVersion:
 
 
 def _site_report(status: str, site: str, parent: AtlasVersion, plan: ContributionPlan, atlas_url: str | None,
-                 mapped: MapReport | None = None, bundle: BundleInfo | None = None) -> SiteReport:
+                 mapped: MapReport | None = None, bundle: BundleInfo | None = None,
+                 labels: dict[str, object] | None = None) -> SiteReport:
     ref = AtlasRef(name=parent.atlas, version=parent.number, id=parent.id, branch=parent.branch, url=atlas_url)
-    return SiteReport(status=status, site=site, atlas=ref, plan=plan, map=mapped, bundle=bundle)
+    return SiteReport(status=status, site=site, atlas=ref, plan=plan, map=mapped, bundle=bundle, labels=labels)
 
 
-def _bundle_info(bundle: bytes, key: PrivateKey, formula: int | None) -> BundleInfo:
+def _bundle_info(bundle: bytes, key: PrivateKey, formula: int | None, latent_dim: int) -> BundleInfo:
     parsed = read_bundle(bundle)
+    if formula is not None:
+        formula += label_part_bytes(len(parsed.manifest.labels), bundle_components(parsed), latent_dim)
     return BundleInfo(
         file=BUNDLE_FILE,
         bytes=len(bundle),
@@ -142,7 +153,7 @@ def map_local(
     names the parent). Only the cells of ``plan.new`` are mapped, so how many
     held studies a site also has does not change its bundle.
     """
-    from fedarches.model import FedArchesModel
+    from fedarches.model import LATENT_KEY, FedArchesModel
 
     private = _resolve_key(key)
     parent = read_parent(parent_dir)
@@ -156,19 +167,27 @@ def map_local(
         return _nothing_new(out, report, plan, parent)
     values = adata.obs[condition_key].astype(str).to_numpy()
     query = adata if set(plan.new) == set(values) else adata[np.isin(values, plan.new)].copy()
+    share: LabelSharePlan | None = None
+    if settings.share_labels is not None:  # every refusal before training
+        share = plan_label_share(parent_dir, parent, query, settings.share_labels, settings.strategy)
     with staged_dir(out) as work:
         shutil.copytree(parent_dir, work / ATLAS_SUBDIR)
         model = FedArchesModel.load(work / ATLAS_SUBDIR)
         res = model.map_query(query, condition_key, settings=settings, site=site)
         write_mapped(work, res)
         tensors, new = contribution_tensors(work / ATLAS_SUBDIR, work / MODEL_SUBDIR, settings.strategy, site)
+        labels: list[str] = []
+        if share is not None:
+            part, labels = label_part(share, np.asarray(res.adata.obsm[LATENT_KEY]), seed=settings.seed)
+            tensors = {**tensors, **part}
         bundle = create_bundle(key=private, site=site, atlas=parent.atlas, parent=parent.id,
                                parent_number=parent.number, strategy=settings.strategy, tensors=tensors,
-                               metrics=res.report.bundle_metrics())
+                               metrics=res.report.bundle_metrics(), labels=labels)
         write_bytes(work / BUNDLE_FILE, bundle)
         formula = expected_tensor_bytes(model.config, len(new)) if settings.strategy == "conditions" else None
         report = _site_report(STATUS_CONTRIBUTED, site, parent, plan, atlas_url, res.report,
-                              _bundle_info(bundle, private, formula))
+                              _bundle_info(bundle, private, formula, model.config.latent_dim),
+                              share.to_dict() if share is not None else None)
         write_report(work, report.to_dict())
         replace_dir(work, out)
     return SiteMapResult(status=STATUS_CONTRIBUTED, plan=plan, parent=parent, out_dir=out, report=report,

@@ -200,7 +200,7 @@ def reply_metrics(values: Mapping[str, Any]) -> dict[str, float | int]:
 # --------------------------------------------------------------------------- site config
 
 NODE_KEYS = ("site", "data", "condition-key", "key-dir", "out-dir", "trust-root", "epochs", "conditions-per-round",
-             "fault", "fault-rounds")
+             "fault", "fault-rounds", "share-labels")
 #: What a ``fault`` node config makes a site do mid-round, as a broken site would (a test hook:
 #: the fault tests and benchmarks/faults.py drive real site processes with it). ``crash``: the
 #: job raises; ``kill``: the site's process dies (SIGKILL); ``hang``: it sleeps past any
@@ -220,7 +220,9 @@ class SiteConfig:
     root.json; without it the site trusts the root the coordinator sends, over the
     TLS-authenticated Flower channel), ``epochs`` (overrides the coordinator's),
     ``conditions-per-round`` (map at most this many new studies per round, first
-    ones first; 0 = all). If the data holds the atlas's label column, the site
+    ones first; 0 = all), ``share-labels`` (obs column of the site's own labels: their
+    class summaries travel in the bundle, as ``site map --share-labels``). If the data
+    holds the atlas's label column, the site
     scores label transfer against it and reports only the scores. ``fault`` (one of
     `FAULTS`) and ``fault-rounds`` (comma-separated round numbers; empty = every
     round) are a test hook that makes the site misbehave mid-round.
@@ -236,6 +238,7 @@ class SiteConfig:
     conditions_per_round: int = 0
     fault: str = ""
     fault_rounds: tuple[int, ...] = ()
+    share_labels: str | None = None
 
     def fault_in(self, rnd: int) -> str:
         """The fault this site injects in round ``rnd`` ("" = none)."""
@@ -279,6 +282,7 @@ class SiteConfig:
             conditions_per_round=int(cfg.get("conditions-per-round", 0) or 0),
             fault=fault,
             fault_rounds=rounds,
+            share_labels=opt("share-labels"),
         )
 
     def to_node_config(self) -> dict[str, str | int]:
@@ -298,6 +302,8 @@ class SiteConfig:
             out["conditions-per-round"] = int(self.conditions_per_round)
         if self.fault:
             out["fault"] = self.fault
+        if self.share_labels:
+            out["share-labels"] = self.share_labels
         if self.fault_rounds:
             out["fault-rounds"] = ",".join(str(r) for r in self.fault_rounds)
         return out

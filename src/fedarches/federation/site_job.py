@@ -77,7 +77,7 @@ def handle_request(site: SiteConfig, request: MapRequest) -> MapReply:
     _misbehave(fault)
     epochs = site.epochs or (request.epochs if request.epochs > 0 else None)
     settings = MapSettings(epochs=epochs, strategy=request.strategy, threads=1,
-                           conditions_per_round=site.conditions_per_round)
+                           conditions_per_round=site.conditions_per_round, share_labels=site.share_labels)
     result = map_local(fetched.path, key=site.key_dir, site=site.site, data=site.data,
                        condition_key=site.condition_key, out_dir=results / f"map-v{fetched.number}",
                        settings=settings, atlas_url=request.atlas_url)

@@ -24,6 +24,16 @@ holds (plus safetensors' alignment to 8 bytes, nothing more) and at most
 anything the manifest does not describe. ``check_size`` enforces this at
 intake; ``audit_bundle`` reports it.
 
+Label summaries (opt-in, ``site map --share-labels KEY``): the
+``ClassSummaries.state()`` of the site's own labelled cells in the atlas latent,
+under ``"labels/<state field>"``, with the label names (in code order) in the
+signed manifest's ``labels``. Those tensors add exactly
+``label_part_bytes(L, C, d)`` = ``C (24 + 8 d + 8 d^2) + L (41 + 8 d + 8 d^2) + 112``
+bytes for L labels, C components (``L <= C <= MAX_COMPONENTS_PER_LABEL * L``;
+each stands for >= k_min cells) and latent dimension d; the header bound grows by
+``label_header_bytes(L)``. A formula of model shape, labels and components per
+label, never of cells.
+
 Branch bundles (strategies ``input-layers`` and ``full``) touched weights that
 every condition shares, so they can never be merged into the main line. They
 carry, in addition to the new-condition entries, every parent tensor whose
@@ -62,6 +72,7 @@ from fedarches.errors import (
     SignatureError,
 )
 from fedarches.format.canonical import (
+    OmitEmptyLabels,
     canonical_json,
     parse_json_bounded,
     sha256_bytes,
@@ -69,9 +80,15 @@ from fedarches.format.canonical import (
     validation_summary,
 )
 from fedarches.format.metrics import MAX_METRIC_TEXT, MAX_METRICS, MetricValue, sanitize_metrics
-from fedarches.format.names import check_name
+from fedarches.format.names import check_name, check_new_names
 from fedarches.format.signing import PrivateKey, PublicKey, b64decode, b64encode, verify_canonical
-from fedarches.format.tensor_keys import SHARED_PREFIX, split_condition_key, split_shared_key
+from fedarches.format.tensor_keys import (
+    LABEL_PREFIX,
+    SHARED_PREFIX,
+    is_condition_key,
+    split_condition_key,
+    split_shared_key,
+)
 
 BUNDLE_FORMAT = "fedarches.contribution/1"
 BUNDLE_FILE = "contribution.safetensors"
@@ -96,6 +113,15 @@ _HEADER_METRIC_BYTES = (64 + MAX_METRIC_TEXT) * _HEADER_CHAR_BYTES + 32
 # (header and manifest), each with a tensor description
 _HEADER_CONDITION_BYTES = 7 * MAX_NAME_CHARS * _HEADER_CHAR_BYTES + 3 * 512
 
+# The label part: at most this many components per label (``SummaryOptions.max_components``),
+# its tensors are float64, int64 or uint8 (``ClassSummaries.state``), and every field of the
+# state is described twice (header and manifest) in at most this many bytes each.
+MAX_COMPONENTS_PER_LABEL = 32
+LABEL_DTYPES = ("float64", "int64", "uint8")
+_LABEL_FIELDS = 26
+_HEADER_LABEL_FIELD_BYTES = 2 * 512
+_HEADER_LABEL_BYTES = MAX_NAME_CHARS * _HEADER_CHAR_BYTES + 8
+
 BundleSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 
@@ -110,7 +136,7 @@ class TensorEntry(BaseModel):
     dtype: str
 
 
-class BundleManifest(BaseModel):
+class BundleManifest(OmitEmptyLabels):
     """The signed part of a bundle. Canonical JSON of this is what the site signs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -125,6 +151,10 @@ class BundleManifest(BaseModel):
     conditions: list[str]
     tensors: dict[str, TensorEntry]
     metrics: dict[str, MetricValue] = {}
+    labels: list[str] = []  # shared label summaries: their names in code order (left out while empty)
+
+    def canonical(self) -> bytes:
+        return canonical_json(self)
 
 
 def check_condition_name(name: str) -> None:
@@ -165,7 +195,11 @@ class Bundle:
         verify_canonical(key, self.manifest_bytes, self.signature, what=f"bundle {self.source}")
 
     def condition_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.tensors.items() if not k.startswith(SHARED_PREFIX)}
+        return {k: v for k, v in self.tensors.items() if is_condition_key(k)}
+
+    def label_tensors(self) -> dict[str, torch.Tensor]:
+        """The shared label summaries' state fields (``"labels/"`` stripped)."""
+        return {k[len(LABEL_PREFIX):]: v for k, v in self.tensors.items() if k.startswith(LABEL_PREFIX)}
 
     def shared_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
         return {split_shared_key(k): v for k, v in self.tensors.items() if k.startswith(SHARED_PREFIX)}
@@ -189,8 +223,12 @@ def create_bundle(
     strategy: Strategy,
     tensors: Mapping[str, torch.Tensor],
     metrics: Mapping[str, Any] | None = None,
+    labels: list[str] | None = None,
 ) -> bytes:
     """Sign and serialise a bundle; returns the safetensors bytes.
+
+    ``labels``: the names of shared label summaries, in code order, when ``tensors``
+    holds their state under ``"labels/<field>"``.
 
     ``tensors`` holds the new-condition entries (``"<table>/<name>"``) and, for
     branch strategies only, changed parent tensors (``"shared/<file>/<key>"``).
@@ -209,13 +247,17 @@ def create_bundle(
                     "must leave every shared tensor unchanged"
                 )
             split_shared_key(k)
+        elif k.startswith(LABEL_PREFIX):
+            if not labels:
+                raise BundleContentError(f"bundle content check failed: {k} is a label summary field but no "
+                                         "label names are given")
         else:
             table, name = split_condition_key(k)
             check_condition_name(name)
             names.add(name)
         t = t.detach().cpu().contiguous()
         _check_condition_dtype(k, t, "the contribution")
-        if t.ndim < 1 or not torch.isfinite(t).all():
+        if t.ndim < 1 or not _finite(k, t):
             raise BundleContentError(f"bundle content check failed: tensor {k} is empty, scalar or not finite")
         clean[k] = t
     if not names:
@@ -230,8 +272,10 @@ def create_bundle(
         conditions=sorted(names),
         tensors={k: _tensor_entry(t) for k, t in clean.items()},
         metrics=sanitize_metrics(metrics or {}),
+        labels=list(labels or []),
     )
-    manifest_bytes = canonical_json(manifest)
+    _check_label_names(manifest, "the contribution")
+    manifest_bytes = manifest.canonical()
     signature = key.sign(manifest_bytes)
     metadata = {META_MANIFEST: manifest_bytes.decode("utf-8"), META_SIGNATURE: b64encode(signature)}
     return _sorted_header(st_save(dict(sorted(clean.items())), metadata=metadata))
@@ -344,7 +388,7 @@ def read_bundle(source: BundleSource) -> Bundle:
         manifest = BundleManifest.model_validate(raw)
     except ValidationError as exc:
         raise BundleManifestError(f"bundle manifest check failed: {name}: {validation_summary(exc)}") from exc
-    if canonical_json(manifest) != manifest_bytes:
+    if manifest.canonical() != manifest_bytes:
         raise BundleManifestError(f"bundle manifest check failed: {name} manifest is not canonical JSON")
     try:
         tensors = st_load(data)
@@ -368,7 +412,7 @@ def read_bundle(source: BundleSource) -> Bundle:
                     f"bundle content check failed: {name} carries shared tensor {key} but claims strategy 'conditions'"
                 )
             split_shared_key(key)
-        else:
+        elif not key.startswith(LABEL_PREFIX):
             names.add(split_condition_key(key)[1])
     if names != set(manifest.conditions) or manifest.conditions != sorted(manifest.conditions):
         raise BundleContentError(
@@ -377,6 +421,7 @@ def read_bundle(source: BundleSource) -> Bundle:
         )
     for cname in manifest.conditions:
         check_condition_name(cname)
+    _check_label_names(manifest, name)
     if sanitize_metrics(manifest.metrics) != dict(manifest.metrics):
         raise BundleMetricsError(
             f"bundle metrics check failed: {name} reports metrics that are not small finite scalars "
@@ -406,8 +451,41 @@ def _check_dtypes(tensors: Mapping[str, torch.Tensor], manifest: BundleManifest,
         _check_condition_dtype(key, t, name)
 
 
+#: Label-state fields that may hold NaN ("not measured": a calibration mode no label used).
+LABEL_MAY_BE_NAN = ("pooled_ratio_quantile",)
+
+
+def _finite(key: str, t: torch.Tensor) -> bool:
+    """Finite values; a label field of ``LABEL_MAY_BE_NAN`` may also hold NaN (never infinity)."""
+    v = t.double()
+    if key.startswith(LABEL_PREFIX) and key[len(LABEL_PREFIX):] in LABEL_MAY_BE_NAN:
+        return bool((torch.isfinite(v) | torch.isnan(v)).all())
+    return bool(torch.isfinite(v).all())
+
+
+def label_values_finite(key: str, t: torch.Tensor) -> bool:
+    """Whether a label part field (``key`` without ``labels/``) holds only allowed values."""
+    return _finite(LABEL_PREFIX + key, t)
+
+
+def _check_label_names(manifest: BundleManifest, name: str) -> None:
+    """Label names follow the name policy (``format.names``, kind ``label``), and come with
+    label tensors (and label tensors with names)."""
+    has_part = any(k.startswith(LABEL_PREFIX) for k in manifest.tensors)
+    if bool(manifest.labels) != has_part:
+        raise BundleContentError(f"bundle content check failed: {name} names labels {manifest.labels[:5]} but "
+                                 f"{'holds' if has_part else 'holds no'} label summary tensors")
+    check_new_names(manifest.labels, kind="label")
+
+
 def _check_condition_dtype(key: str, t: torch.Tensor, name: str) -> None:
-    """Condition tensors are float32: the size formula counts 4 bytes a value."""
+    """Condition tensors are float32: the size formula counts 4 bytes a value; label summary
+    fields are float64, int64 or uint8 (``label_part_bytes`` counts them)."""
+    if key.startswith(LABEL_PREFIX):
+        if _dtype_name(t) not in LABEL_DTYPES:
+            raise BundleContentError(f"bundle content check failed: {name} label tensor {key} is "
+                                     f"{_dtype_name(t)}, label summaries carry {LABEL_DTYPES}")
+        return
     if not key.startswith(SHARED_PREFIX) and t.dtype != torch.float32:
         raise BundleContentError(
             f"bundle content check failed: {name} condition tensor {key} is {_dtype_name(t)}, "
@@ -415,41 +493,79 @@ def _check_condition_dtype(key: str, t: torch.Tensor, name: str) -> None:
         )
 
 
-def max_header_bytes(n_conditions: int) -> int:
-    """The largest header a ``conditions`` bundle of ``n_conditions`` can need.
+def max_header_bytes(n_conditions: int, n_labels: int = 0) -> int:
+    """The largest header a ``conditions`` bundle of ``n_conditions`` (and ``n_labels`` shared
+    label summaries) can need.
 
-    Every field is bounded (names, metric count and text), so this is their
-    worst case; a larger header holds something no manifest field explains.
+    Every field is bounded (names, metric count and text, the label state's fields), so this is
+    their worst case; a larger header holds something no manifest field explains.
     """
-    return _HEADER_FIXED_BYTES + MAX_METRICS * _HEADER_METRIC_BYTES + n_conditions * _HEADER_CONDITION_BYTES
+    labels = label_header_bytes(n_labels)
+    return _HEADER_FIXED_BYTES + MAX_METRICS * _HEADER_METRIC_BYTES + n_conditions * _HEADER_CONDITION_BYTES + labels
+
+
+def label_header_bytes(n_labels: int) -> int:
+    """Header bytes a label part of ``n_labels`` can add: each state field twice, each name."""
+    return 0 if n_labels == 0 else _LABEL_FIELDS * _HEADER_LABEL_FIELD_BYTES + n_labels * _HEADER_LABEL_BYTES
+
+
+def label_part_bytes(n_labels: int, n_components: int, latent_dim: int) -> int:
+    """Tensor bytes of ``n_labels`` label summaries with ``n_components`` components in ``latent_dim``
+    dimensions (``ClassSummaries.state``): per component label, count, log det, mean, whitening
+    factor; per label threshold, calibration mode, kind and count, class Gaussian mean, factor,
+    threshold and fitted flag; 14 scalars. Zero without labels."""
+    if n_labels == 0:
+        return 0
+    d = int(latent_dim)
+    return int(n_components) * (24 + 8 * d + 8 * d * d) + int(n_labels) * (41 + 8 * d + 8 * d * d) + 14 * 8
+
+
+def label_part_bound(n_labels: int, latent_dim: int) -> int:
+    """The most tensor bytes ``n_labels`` shared labels can take: ``label_part_bytes`` at
+    ``MAX_COMPONENTS_PER_LABEL`` components per label (a formula of labels and model shape)."""
+    return label_part_bytes(n_labels, MAX_COMPONENTS_PER_LABEL * n_labels, latent_dim)
+
+
+def bundle_components(bundle: Bundle) -> int:
+    """How many label components the bundle's label part holds (0 without one)."""
+    t = bundle.tensors.get(LABEL_PREFIX + "component_label")
+    return 0 if t is None or t.ndim != 1 else int(t.shape[0])
 
 
 def check_size(bundle: Bundle, config: ModelConfig) -> None:
     """Raise ``BundleSizeError`` unless a ``conditions`` bundle is exactly the size formula.
 
-    ``8 + header + 4 * config.condition_parameter_count(m)``, with the header
-    at most ``max_header_bytes(m)``: the proof that the bundle carries no cells.
-    Branch bundles carry shared weights and are bounded by the model instead.
+    ``8 + header + 4 * config.condition_parameter_count(m) + label_part_bytes(L, C, d)``, with
+    the header at most ``max_header_bytes(m, L)`` and ``L <= C <= 32 L``: the proof that the
+    bundle carries no cells. Branch bundles carry shared weights and are bounded by the model instead.
     """
     if bundle.manifest.strategy != "conditions":
         return
-    m = len(bundle.manifest.conditions)
-    limit = max_header_bytes(m)
+    m, n_labels = len(bundle.manifest.conditions), len(bundle.manifest.labels)
+    limit = max_header_bytes(m, n_labels)
     if bundle.header_size > limit:
         raise BundleSizeError(
             f"bundle size check failed: {bundle.source} has a {bundle.header_size} byte header, "
-            f"above the {limit} bytes {m} condition(s) can need"
+            f"above the {limit} bytes {m} condition(s) and {n_labels} label(s) can need"
         )
-    expected = 8 + bundle.header_size + expected_tensor_bytes(config, m)
+    comps = bundle_components(bundle)
+    if n_labels and not n_labels <= comps <= MAX_COMPONENTS_PER_LABEL * n_labels:
+        raise BundleSizeError(
+            f"bundle size check failed: {bundle.source} shares {n_labels} label(s) in {comps} components; "
+            f"each label has 1 to {MAX_COMPONENTS_PER_LABEL}"
+        )
+    labels = label_part_bytes(n_labels, comps, config.latent_dim)
+    expected = 8 + bundle.header_size + expected_tensor_bytes(config, m) + labels
     if bundle.size != expected:
         raise BundleSizeError(
             f"bundle size check failed: {bundle.source} is {bundle.size} bytes; {m} condition(s) of this "
-            f"model make {expected} (8 + {bundle.header_size} header + 4 x {config.condition_parameter_count(m)})"
+            f"model make {expected} (8 + {bundle.header_size} header + 4 x {config.condition_parameter_count(m)}"
+            f" + {labels} label summary bytes)"
         )
 
 
 def expected_tensor_bytes(config: ModelConfig, n_conditions: int, itemsize: int = 4) -> int:
-    """Bytes of tensor data in a ``conditions``-strategy bundle: the size formula."""
+    """Bytes of condition tensor data in a ``conditions``-strategy bundle: the size formula."""
     return itemsize * config.condition_parameter_count(n_conditions)
 
 
@@ -461,6 +577,24 @@ def _size_ok(bundle: Bundle, config: ModelConfig) -> bool:
     return True
 
 
+def _label_part_report(b: Bundle) -> dict[str, Any] | None:
+    """What the label part reveals: names, components and cells per label (None without one)."""
+    if not b.manifest.labels:
+        return None
+    part = b.label_tensors()
+    label, count = part.get("component_label"), part.get("component_count")
+    per: dict[str, dict[str, int]] = {n: {"components": 0, "cells": 0} for n in b.manifest.labels}
+    if label is not None and count is not None and label.shape == count.shape and label.ndim == 1:
+        for y, c in zip(label.tolist(), count.tolist()):
+            if 0 <= int(y) < len(b.manifest.labels):
+                row = per[b.manifest.labels[int(y)]]
+                row["components"] += 1
+                row["cells"] += int(c)
+    return {"names": list(b.manifest.labels), "per_label": per, "components": bundle_components(b),
+            "tensor_bytes": sum(t.numel() * t.element_size() for t in part.values()),
+            "k_min": int(part["k_min"].reshape(-1)[0]) if "k_min" in part and part["k_min"].numel() else None}
+
+
 def audit_bundle(path: BundleSource, config: ModelConfig | None = None) -> dict[str, Any]:
     """Describe what a bundle would reveal, for a human or a test to check.
 
@@ -468,7 +602,8 @@ def audit_bundle(path: BundleSource, config: ModelConfig | None = None) -> dict[
     header), ``tensor_bytes``, ``tensors`` ({key: {shape, dtype}}),
     ``conditions``, ``site``, ``parent``, ``strategy``, ``metrics``,
     ``metadata_keys``, ``manifest`` (the signed JSON as a dict),
-    ``max_tensor_dim`` and, when ``config`` is given, ``expected_tensor_bytes``,
+    ``max_tensor_dim``, ``labels`` (the label part: names, components and cells per label,
+tensor bytes, k_min; None without one) and, when ``config`` is given, ``expected_tensor_bytes``,
     ``expected_size`` and ``size_matches_formula`` plus ``shapes_match_model``
     (every vector is as long as a model width, so none can be per-cell).
     """
@@ -493,11 +628,13 @@ def audit_bundle(path: BundleSource, config: ModelConfig | None = None) -> dict[
         "digest": b.digest,
         "max_tensor_dim": max((max(t.shape) for t in b.tensors.values()), default=0),
         "shared_tensors": sorted(k for k in b.tensors if k.startswith(SHARED_PREFIX)),
+        "labels": _label_part_report(b),
     }
     if config is not None:
         m = len(b.manifest.conditions)
         widths = {config.encoder_width, config.decoder_width} | ({config.n_genes} if config.kind == "nb" else set())
-        exp = expected_tensor_bytes(config, m)
+        exp = expected_tensor_bytes(config, m) + label_part_bytes(len(b.manifest.labels), bundle_components(b),
+                                                                   config.latent_dim)
         report["expected_tensor_bytes"] = exp
         report["expected_size"] = 8 + b.header_size + exp
         report["size_matches_formula"] = (

@@ -15,7 +15,7 @@ import re
 from typing import Any, NoReturn
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, model_serializer
 
 from fedarches.errors import FedarchesError
 
@@ -25,6 +25,18 @@ MAX_INT_DIGITS = 30
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKET = re.compile(rb"[\[\]{}]")
+
+
+class OmitEmptyLabels(BaseModel):
+    """A model whose ``labels`` field (label summaries, issue 9) is left out of every dump while
+    empty: documents written before labels existed keep their bytes, hashes and signatures."""
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_labels(self, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and not out.get("labels", True):
+            del out["labels"]
+        return out
 
 
 def canonical_json(obj: BaseModel | dict[str, Any] | list[Any]) -> bytes:

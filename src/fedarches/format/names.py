@@ -27,6 +27,7 @@ MAX_NAME_CHARS = 200
 _ADVICE = {
     "condition": "rename it in the condition column (--condition-key) of the data and map again",
     "site": "choose another site name (--site)",
+    "label": "rename the label in the --share-labels column of the data and map again",
 }
 
 #: Reserved per kind, compared by skeleton. "coordinator" is the site the reference
@@ -36,6 +37,7 @@ _ADVICE = {
 RESERVED: dict[str, frozenset[str]] = {
     "condition": frozenset({"nan", "none", "null", "na"}),
     "site": frozenset({"coordinator"}),
+    "label": frozenset({"unknown", "nan", "none", "null", "na"}),  # "Unknown" is what label transfer calls novel
 }
 
 # Unicode categories a name may never hold: controls (C0, C1, DEL), format characters

@@ -3,7 +3,8 @@
 A condition vector is stored under ``"<table>/<condition name>"`` (tables:
 ``encoder``, ``decoder`` and for NB models ``dispersion``) in
 ``conditions.safetensors`` and in contribution bundles; a branch bundle's
-changed shared tensor under ``"shared/<blob file>/<tensor key>"``. New
+changed shared tensor under ``"shared/<blob file>/<tensor key>"``; a site's shared
+label summaries under ``"labels/<state field>"``. New
 condition names cannot contain ``/`` (``format.names``), but versions published
 before that rule may hold such names; the table never does, so the first ``/``
 splits.
@@ -14,6 +15,17 @@ from __future__ import annotations
 from fedarches.errors import BundleContentError
 
 SHARED_PREFIX = "shared/"
+#: A site's shared label summaries in a bundle: ``"labels/<state field>"`` (``ClassSummaries.state``).
+LABEL_PREFIX = "labels/"
+
+
+def label_key(field: str) -> str:
+    return f"{LABEL_PREFIX}{field}"
+
+
+def is_condition_key(key: str) -> bool:
+    """Neither a shared tensor nor a label-summary field: a condition vector."""
+    return not key.startswith((SHARED_PREFIX, LABEL_PREFIX))
 
 
 def condition_key(table: str, name: str) -> str:

@@ -38,7 +38,13 @@ from fedarches.errors import (
     UnknownVersionError,
     VersionManifestError,
 )
-from fedarches.format.canonical import canonical_json, parse_json_bounded, sha256_bytes, validation_summary
+from fedarches.format.canonical import (
+    OmitEmptyLabels,
+    canonical_json,
+    parse_json_bounded,
+    sha256_bytes,
+    validation_summary,
+)
 from fedarches.format.identity import REFERENCE_SITE as REFERENCE_SITE  # re-exported: where it always was
 from fedarches.format.identity import Condition, ConditionIndex, condition_id
 from fedarches.format.model_dir import MANIFEST, MAX_MANIFEST_BYTES, ModelManifest, load_model_dir, read_manifest
@@ -75,6 +81,24 @@ class ConditionRecord(BaseModel):
     metrics: dict[str, Metric] = {}
 
 
+class LabelRecord(BaseModel):
+    """Label components a version gained from one source: provenance per component.
+
+    ``components`` are the indices of those components in the version's
+    ``labels.safetensors`` (merges only append, so an index keeps its meaning in later
+    versions) and ``cells`` their cell counts (each >= k_min).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    site: str
+    introduced_in: int = Field(ge=1)
+    contribution: str | None = Field(default=None, description="sha256 of the signed bundle manifest")
+    components: list[int]
+    cells: list[int]
+
+
 class BlobRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -82,7 +106,7 @@ class BlobRef(BaseModel):
     length: int = Field(ge=0)
 
 
-class AtlasVersion(BaseModel):
+class AtlasVersion(OmitEmptyLabels):
     """A published atlas version. ``id`` = sha256 of ``canonical_json(self)``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -96,9 +120,10 @@ class AtlasVersion(BaseModel):
     conditions: list[ConditionRecord]
     model: ModelManifest
     blobs: dict[str, BlobRef]
+    labels: list[LabelRecord] = []  # label summaries' provenance (left out of the bytes while empty)
 
     def canonical(self) -> bytes:
-        return canonical_json(self)
+        return canonical_json(self)  # an empty ``labels`` is left out: older versions keep their ids
 
     @property
     def id(self) -> str:
@@ -154,7 +179,18 @@ class ConditionRef(BaseModel):
     site: str
 
 
-class LineageEntry(BaseModel):
+class LabelRef(BaseModel):
+    """What a version added to its label knowledge from one source (``atlas log``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    site: str
+    components: int
+    cells: int
+
+
+class LineageEntry(OmitEmptyLabels):
     """One line of ``atlas log``: enough to pick a version without fetching it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -167,6 +203,7 @@ class LineageEntry(BaseModel):
     strategy: VersionStrategy
     conditions: list[ConditionRef]
     published: str = Field(description="UTC time the coordinator published it (not part of the id)")
+    labels: list[LabelRef] = []  # label components this version added (left out of the bytes while empty)
 
 
 class KeyChange(BaseModel):
@@ -254,6 +291,8 @@ def entry_for(version: AtlasVersion, lineage: Lineage, published: str) -> Lineag
         strategy=version.strategy,
         conditions=[ConditionRef(name=c.name, site=c.site) for c in version.conditions],
         published=published,
+        labels=[LabelRef(name=r.name, site=r.site, components=len(r.components), cells=sum(r.cells))
+                for r in version.labels if r.introduced_in == version.number],
     )
 
 

@@ -324,6 +324,23 @@ class ClassSummaries:
                                                     if k != "fpr" else v for k, v in self.gaussian.state().items()})
         return replace(self, label_categories=cats, components=comps, thresholds=thresholds, gaussian=gaussian)
 
+    def restricted(self, names: Sequence[str]) -> ClassSummaries:
+        """Only the labels ``names`` (in this order) with their components and calibration: what
+        a merge takes from a site's summaries when some of its labels are refused."""
+        idx = np.array([self.label_categories.index(n) for n in names], dtype=np.int64)
+        code = np.full(len(self.label_categories), -1, dtype=np.int64)
+        code[idx] = np.arange(idx.size)
+        keep = code[self.components.label] >= 0
+        comps = Components(*(getattr(self.components, f)[keep] for f in _COMPONENT_FIELDS))
+        comps = replace(comps, label=code[comps.label])
+        t = self.thresholds
+        thresholds = Thresholds(**{f: getattr(t, f)[idx] for f in _PER_LABEL}, global_threshold=t.global_threshold,
+                                pooled_ratio_quantile=t.pooled_ratio_quantile)
+        gaussian = ClassGaussianNovelty.from_state({k: v[idx] if k != "fpr" else v
+                                                    for k, v in self.gaussian.state().items()})
+        return replace(self, label_categories=[str(n) for n in names], components=comps, thresholds=thresholds,
+                       gaussian=gaussian)
+
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, np.ndarray]:
         """Numeric arrays only, sized by labels, components and latent dimensions (never cells);

@@ -3,7 +3,8 @@
 Order matters for the messages users see: format and tensor hashes
 (``read_bundle``), atlas, enrolment, signature, parent, already merged,
 shared weights of the target, name collision, tensor shapes and values, then
-the exact size formula (after the shapes, whose message is more specific). Each
+the label part (``server/labels.py``), the exact size formula (after the shapes,
+whose message is more specific). Each
 failure raises its own class from ``fedarches.errors``.
 """
 
@@ -17,6 +18,7 @@ from fedarches.errors import (
     AtlasMismatchError,
     ConditionCollisionError,
     EnrollmentError,
+    LabelPartError,
     LineageError,
     ParentError,
     TensorShapeError,
@@ -29,6 +31,8 @@ from fedarches.format.identity import condition_id
 from fedarches.format.names import check_new_names
 from fedarches.format.tensor_keys import condition_key, split_condition_key
 from fedarches.format.version import AtlasVersion, Lineage
+from fedarches.labels.summaries import ClassSummaries
+from fedarches.server.labels import atlas_summaries, check_label_part
 from fedarches.server.registry import SiteRegistry
 from fedarches.server.store import VersionStore
 
@@ -46,6 +50,7 @@ class VerifiedBundle:
     parent: AtlasVersion
     target: AtlasVersion
     noop: bool
+    labels: ClassSummaries | None = None  # the checked label part (``--share-labels``), if any
 
     @property
     def digest(self) -> str:
@@ -210,6 +215,18 @@ def verify_bundle(source: BundleSource, intake: Intake) -> VerifiedBundle:
     check_collision(bundle, target)
     cond = intake.store.tensors(parent, CONDITIONS)
     check_condition_tensors(bundle, parent, cond)
+    labels = _label_part(bundle, target, intake.store)
     check_size(bundle, parent.model.config)  # then every byte is accounted for: exactly the formula
     check_shared_tensors(bundle, parent, cond, intake.store)
-    return VerifiedBundle(bundle=bundle, parent=parent, target=target, noop=False)
+    return VerifiedBundle(bundle=bundle, parent=parent, target=target, noop=False, labels=labels)
+
+
+def _label_part(bundle: Bundle, target: AtlasVersion, store: VersionStore) -> ClassSummaries | None:
+    """The bundle's shared label summaries, checked against the version they land on."""
+    if not bundle.manifest.labels:
+        return None
+    if bundle.manifest.strategy != "conditions":
+        raise LabelPartError(f"label part check failed: bundle {bundle.source} shares labels with strategy "
+                             f"{bundle.manifest.strategy!r}; a branch holds no label knowledge, map with "
+                             "--strategy conditions")
+    return check_label_part(bundle, target, atlas_summaries(target, store))

@@ -20,9 +20,10 @@ from fedarches.errors import BundleFileError, ConditionCollisionError, Fedarches
 from fedarches.format.bundle import BundleSource
 from fedarches.format.canonical import sha256_bytes
 from fedarches.format.conditions import merge_conditions
-from fedarches.format.model_dir import CONDITIONS, WEIGHTS
+from fedarches.format.model_dir import CONDITIONS, LABELS, WEIGHTS
 from fedarches.format.version import MAIN_BRANCH, AtlasVersion, BlobRef, ConditionRecord, Lineage, LineageEntry
 from fedarches.server.intake import Intake, VerifiedBundle, verify_bundle
+from fedarches.server.labels import LabelConflict, LabelSource, atlas_summaries, labels_blob, merge_label_parts
 from fedarches.server.store import VersionStore, save_tensors
 
 Plan = tuple[AtlasVersion, dict[str, bytes]]
@@ -71,6 +72,7 @@ class MergeResult:
     rejected: list[Rejection]
     head: LineageEntry | None
     outcomes: list[BundleOutcome] = field(default_factory=list)
+    label_conflicts: list[LabelConflict] = field(default_factory=list)  # site labels reported, not merged
 
     @property
     def version(self) -> LineageEntry | None:
@@ -92,8 +94,10 @@ def _records(v: VerifiedBundle, number: int) -> list[ConditionRecord]:
     ]
 
 
-def plan_merge(atlas: str, group: list[VerifiedBundle], number: int, store: VersionStore) -> Plan:
-    """One new version on ``group``'s common target holding every group member's conditions."""
+def plan_merge(atlas: str, group: list[VerifiedBundle], number: int,
+               store: VersionStore) -> tuple[Plan, list[LabelConflict]]:
+    """One new version on ``group``'s common target holding every group member's conditions
+    and, merged by label name, their shared label summaries (conflicts reported, not merged)."""
     target = group[0].target
     cond = store.tensors(target, CONDITIONS)
     names, merged = merge_conditions(target.model.conditions, cond, [v.condition_tensors() for v in group])
@@ -101,8 +105,18 @@ def plan_merge(atlas: str, group: list[VerifiedBundle], number: int, store: Vers
     new_records = [by_id[n] for n in names[len(target.model.conditions) :]]
     cond_bytes = save_tensors(merged)
     files = {**target.model.files, CONDITIONS: sha256_bytes(cond_bytes)}
-    model = target.model.model_copy(update={"conditions": names, "files": files})
+    update: dict[str, object] = {"conditions": names}
     refs = {**target.blobs, CONDITIONS: BlobRef(sha256=files[CONDITIONS], length=len(cond_bytes))}
+    blobs = {CONDITIONS: cond_bytes}
+    label_records, conflicts = list(target.labels), []
+    sources = [LabelSource(v.site, v.digest, v.labels) for v in group if v.labels is not None]
+    summaries = atlas_summaries(target, store) if sources else None
+    if summaries is not None:
+        grown, label_records, conflicts = merge_label_parts(target, summaries, sources, number)
+        blobs[LABELS], refs[LABELS] = labels_blob(grown)
+        files[LABELS] = refs[LABELS].sha256
+        update["label_categories"] = list(grown.label_categories)
+    model = target.model.model_copy(update={**update, "files": files})
     version = AtlasVersion(
         atlas=atlas,
         number=number,
@@ -112,8 +126,9 @@ def plan_merge(atlas: str, group: list[VerifiedBundle], number: int, store: Vers
         conditions=[*target.conditions, *new_records],
         model=model,
         blobs=refs,
+        labels=label_records,
     )
-    return version, {CONDITIONS: cond_bytes}
+    return (version, blobs), conflicts
 
 
 def _branch_name(v: VerifiedBundle, lineage: Lineage, planned: Sequence[AtlasVersion]) -> str:
@@ -186,6 +201,7 @@ class _Run:
         self.skip_invalid = skip_invalid
         self.verified: list[tuple[int, VerifiedBundle]] = []
         self.rejected: list[Rejection] = []
+        self.label_conflicts: list[LabelConflict] = []
 
     def refuse(self, index: int, source: str, exc: FedarchesError) -> None:
         if not self.skip_invalid:
@@ -225,7 +241,9 @@ class _Run:
         plans: list[Plan] = []
         number = lineage.next_number()
         for group in kept_groups:
-            plans.append(plan_merge(atlas, group, number + len(plans), store))
+            plan, conflicts = plan_merge(atlas, group, number + len(plans), store)
+            plans.append(plan)
+            self.label_conflicts.extend(conflicts)
         for v in sorted(branches, key=lambda v: v.digest):
             plans.append(plan_branch(atlas, v, number + len(plans), lineage, store, [p[0] for p in plans]))
         return plans
@@ -267,4 +285,5 @@ def merge_bundles(
         rejected=run.rejected,
         head=head(),
         outcomes=run.outcomes(fresh),
+        label_conflicts=run.label_conflicts,
     )

@@ -17,7 +17,7 @@ from typing import Any
 from fedarches.errors import RepositoryError
 from fedarches.format.canonical import sha256_bytes
 from fedarches.format.metrics import sanitize_metrics
-from fedarches.format.model_dir import load_model_dir
+from fedarches.format.model_dir import LABELS, load_model_dir
 from fedarches.format.version import (
     LINEAGE_TARGET,
     MAIN_BRANCH,
@@ -31,6 +31,7 @@ from fedarches.format.version import (
     entry_for,
     version_target,
 )
+from fedarches.server.labels import reference_label_records
 from fedarches.server.repository import RepoState, TufRepository, utc_timestamp
 
 
@@ -82,7 +83,7 @@ def reference_version(
     atlas: str, model_dir: str | os.PathLike[str], metrics: Mapping[str, Any] | None = None
 ) -> tuple[AtlasVersion, dict[str, bytes]]:
     """Version 1 of the main line from a trained model directory (every blob hash checked)."""
-    manifest, _ = load_model_dir(model_dir)
+    manifest, tensors = load_model_dir(model_dir)
     blobs = {name: (Path(model_dir) / name).read_bytes() for name in manifest.files}
     clean = sanitize_metrics(metrics or {})
     version = AtlasVersion(
@@ -96,5 +97,6 @@ def reference_version(
         ],
         model=manifest,
         blobs={n: BlobRef(sha256=sha256_bytes(b), length=len(b)) for n, b in blobs.items()},
+        labels=reference_label_records(tensors[LABELS], manifest.label_categories) if LABELS in tensors else [],
     )
     return version, blobs
