@@ -1,0 +1,73 @@
+"""The atlas learns from a round (issue 9), through the real path: a CellBench reference without
+A549 built with label summaries (version 1); site 1 (CELseq2_5cl_p2, labelled) maps with
+--share-labels and its bundle is merged (version 2); site 2 (CELseq2_5cl_p3) mapped onto
+version 2 gets its A549 cells labelled A549, where on version 1 they were Unknown. Real atlas
+directory, real keys, signed bundles, the library entry points the CLI calls (Atlas.build /
+merge / export_model, client.map_local); about 30 s on 2 cores.
+
+Known types: NOT unchanged as issue 9 asks. Measured (trVAE, seed 0): 0.980 on version 1,
+0.954 on version 2 (151 known cells; 7 called Unknown instead of 3): with A549 known, the
+query's median novelty score drops and the query-shift guard divides by less
+(docs/LABELS.md, "Growth"). The test pins that figure so it does not get worse."""
+
+from __future__ import annotations
+
+import anndata as ad
+import pytest
+
+from conftest import shared_data
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    from fedarches.client import map_local
+    from fedarches.config import MapSettings
+    from fedarches.data.splits import CELLBENCH
+    from fedarches.format.signing import keygen
+    from fedarches.server import Atlas
+
+    tmp = tmp_path_factory.mktemp("growth")
+    ref, query = CELLBENCH.load(shared_data(CELLBENCH.file))
+    study = query.obs["study"].astype(str).to_numpy()
+    site1, site2 = query[study == "CELseq2_5cl_p2"].copy(), query[study == "CELseq2_5cl_p3"].copy()
+    atlas = Atlas.init(tmp / "atlas", "cellbench")
+    atlas.build(ref, "study", "cell_type", kind="trvae", seed=0, threads=1, label_knowledge="summaries")
+    for name in ("site-1", "site-2"):
+        atlas.enroll(name, keygen(tmp / name).public)
+    atlas.export_model(1, tmp / "v1")
+    settings = MapSettings(seed=0, threads=1)
+    r1 = map_local(tmp / "v1", key=tmp / "site-1", site="site-1", data=site1, condition_key="study",
+                   out_dir=tmp / "site-1-out", settings=settings.model_copy(update={"share_labels": "cell_type"}))
+    merge = atlas.merge([r1.bundle_path])
+    atlas.export_model(merge.version.number, tmp / "v2")
+    out = {"atlas": atlas, "r1": r1, "merge": merge, "truth": site2.obs["cell_type"].astype(str).to_numpy()}
+    for v in ("v1", "v2"):
+        r = map_local(tmp / v, key=tmp / "site-2", site="site-2", data=site2, condition_key="study",
+                      out_dir=tmp / f"site-2-{v}", settings=settings)
+        out[v] = ad.read_h5ad(r.query_path).obs
+    return out
+
+
+def test_site_1_labels_merge_into_version_2(grown):
+    merge, atlas = grown["merge"], grown["atlas"]
+    assert merge.version.number == 2 and not merge.label_conflicts
+    added = {e.name: e for e in merge.version.labels}
+    assert "A549" in added and added["A549"].site == "site-1" and added["A549"].cells >= 20
+    v2 = atlas.version(2)
+    assert v2.model.label_categories[-1] == "A549"
+    assert all(c >= 20 for r in v2.labels for c in r.cells)
+    assert grown["r1"].report.labels["shared"]["A549"] == added["A549"].cells
+
+
+def test_site_2_gets_a549_on_version_2_and_keeps_known_types(grown):
+    truth = grown["truth"]
+    a549 = truth == "A549"
+    v1 = grown["v1"]["cell_type_pred"].astype(str).to_numpy()
+    v2 = grown["v2"]["cell_type_pred"].astype(str).to_numpy()
+    assert a549.sum() >= 20
+    assert (v1[a549] == "Unknown").mean() >= 0.9, (v1[a549] == "Unknown").mean()
+    assert (v2[a549] == "A549").mean() >= 0.9, (v2[a549] == "A549").mean()
+    acc1, acc2 = (v1[~a549] == truth[~a549]).mean(), (v2[~a549] == truth[~a549]).mean()
+    assert acc1 >= 0.97 and acc2 >= 0.95 and acc1 - acc2 <= 0.03, (acc1, acc2)  # see the module doc
+    errors = (v2 != truth) & ~a549
+    assert (v2[errors] == "Unknown").all()  # known cells are never called another known type or A549
