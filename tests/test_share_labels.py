@@ -222,3 +222,23 @@ def _h5ad(world, tmp_path) -> str:
     path = tmp_path / "query.h5ad"
     world["query"].write_h5ad(path)
     return str(path)
+
+
+def test_label_merge_is_order_independent(world, tmp_path):
+    """Invariant 3 with label parts: the same bundles in either order give the same version id."""
+    key_b = keygen(tmp_path / "key-b")
+    q = world["query"].copy()
+    q.obs["study"] = "study_b"
+    bundles = [world["res"].bundle_path]
+    r = map_local(world["tmp"] / "summaries-v1", key=tmp_path / "key-b", site="site-b", data=q,
+                  condition_key="study", out_dir=tmp_path / "out-b", settings=SETTINGS)
+    bundles.append(r.bundle_path)
+    ids = []
+    for order, name in ((bundles, "ab"), (bundles[::-1], "ba")):
+        shutil.copytree(world["tmp"] / "summaries", tmp_path / name)
+        atlas = Atlas(tmp_path / name)
+        atlas.enroll("site-b", key_b.public)
+        ids.append(atlas.merge(order).version.id)
+        assert [(e.name, e.site) for e in atlas.log()[-1].labels] == [
+            ("type_A", "site-a"), ("type_B", "site-a"), ("type_A", "site-b"), ("type_B", "site-b")]
+    assert ids[0] == ids[1]

@@ -59,6 +59,7 @@ class RoundReport:
     head_id: str = ""
     seconds: float = 0.0
     wait_seconds: float = 0.0  # asking the sites and waiting for them (at most the round timeout)
+    label_conflicts: list[dict[str, Any]] = field(default_factory=list)  # site labels reported, not merged
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -119,11 +120,15 @@ def _merge(atlas: Any, rnd: int, report: RoundReport, sent: list[tuple[Path, Sit
             log(ERROR, "fedarches: round %d: bundle of site %s rejected: %s", rnd, outcome.site, merged.error)
         elif merged.status == "unchanged":
             outcome.message = "identical bundle already merged"
+    for c in result.label_conflicts:
+        report.label_conflicts.append({"site": c.site, "label": c.label, "called": c.called, "share": c.share})
+        log(INFO, "fedarches: round %d: %s", rnd, c.line())
     for entry in result.published:
         report.published.append(
             {"number": entry.number, "id": entry.id, "branch": entry.branch, "strategy": entry.strategy,
              "parents": list(entry.parent_numbers),
-             "conditions": [{"name": c.name, "site": c.site} for c in entry.conditions]}
+             "conditions": [{"name": c.name, "site": c.site} for c in entry.conditions],
+             **({"labels": [r.model_dump(mode="json") for r in entry.labels]} if entry.labels else {})}
         )
         log(INFO, "fedarches: round %d: published version %d (%s..., branch %s)",
             rnd, entry.number, entry.id[:12], entry.branch)
