@@ -68,7 +68,7 @@ def world(tmp_path_factory):
 def test_labels_travel_in_the_signed_bundle_within_the_formula(world):
     res, atlas = world["res"], world["atlas"]
     assert res.report.labels == {"key": "cell_type", "k_min": 20, "shared": {"type_A": 117, "type_B": 93},
-                                 "left_out": {"type_C": 10}}
+                                 "left_out": {"type_C": 10}, "unlabelled": 0}
     config = atlas.version(1).model.config
     audit = audit_bundle(res.bundle_path, config)
     lab = audit["labels"]
@@ -83,6 +83,25 @@ def test_labels_travel_in_the_signed_bundle_within_the_formula(world):
     assert all(d < 210 for t in b.tensors.values() for d in t.shape)  # nothing per cell (210 shared)
     out = main(["atlas", "audit", str(res.bundle_path)])
     assert out == 0
+
+
+def test_unlabelled_cells_are_not_summarised(world):
+    from fedarches.client.labels import plan_label_share
+    from fedarches.format.version import read_atlas_version
+
+    q = world["query"].copy()
+    col = q.obs["cell_type"].astype(object)
+    col.iloc[:5] = None
+    col.iloc[5:8] = "Unknown"
+    q.obs["cell_type"] = col
+    v1 = world["tmp"] / "summaries-v1"
+    plan = plan_label_share(v1, read_atlas_version(v1), q, "cell_type")
+    assert plan.to_dict()["unlabelled"] == 8 and sum(plan.shared.values()) + sum(plan.left_out.values()) == 212
+    with pytest.raises(Exception, match="obs column check failed"):
+        plan_label_share(v1, read_atlas_version(v1), q, "no_such_column")
+    q.obs["cell_type"] = "Unknown"
+    with pytest.raises(LabelShareError, match="no label"):
+        plan_label_share(v1, read_atlas_version(v1), q, "cell_type")
 
 
 def test_cells_version_refuses_before_training(world, tmp_path):

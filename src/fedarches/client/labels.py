@@ -30,7 +30,8 @@ from fedarches.labels.summaries import ClassSummaries, SummaryOptions
 
 @dataclass(frozen=True)
 class LabelSharePlan:
-    """Which of the site's labels travel (>= ``k_min`` cells) and which stay (counts stay here)."""
+    """Which of the site's labels travel (>= ``k_min`` cells) and which stay (counts stay here);
+    cells without a label (missing, or "Unknown") are not summarised."""
 
     key: str
     k_min: int
@@ -39,7 +40,22 @@ class LabelSharePlan:
     labels: np.ndarray = field(repr=False)  # per query cell
 
     def to_dict(self) -> dict[str, object]:
-        return {"key": self.key, "k_min": self.k_min, "shared": dict(self.shared), "left_out": dict(self.left_out)}
+        return {"key": self.key, "k_min": self.k_min, "shared": dict(self.shared), "left_out": dict(self.left_out),
+                "unlabelled": int((self.labels == UNLABELLED).sum())}
+
+
+#: What a cell without a label of the site's own becomes (a missing value, or "Unknown": a call,
+#: not an annotation); such cells are not summarised.
+UNLABELLED = ""
+
+
+def _site_labels(query: ad.AnnData, key: str) -> np.ndarray:
+    if key not in query.obs.columns:
+        condition_labels(query, key, what="label")  # the one missing-column message
+    col = query.obs[key]
+    labels = col.astype(str).to_numpy().astype(object)
+    labels[col.isna().to_numpy() | np.isin(np.char.lower(labels.astype(str)), ["unknown", ""])] = UNLABELLED
+    return labels
 
 
 def _atlas_k_min(parent_dir: str | os.PathLike[str]) -> int:
@@ -61,8 +77,8 @@ def plan_label_share(parent_dir: str | os.PathLike[str], parent: AtlasVersion, q
             "--share-labels, or ask the coordinator for an atlas built with --label-knowledge summaries"
         )
     k_min = _atlas_k_min(parent_dir)
-    labels = condition_labels(query, key, what="label")
-    names, counts = np.unique(labels, return_counts=True)
+    labels = _site_labels(query, key)
+    names, counts = np.unique(labels[labels != UNLABELLED], return_counts=True)
     shared = {str(n): int(c) for n, c in zip(names, counts) if c >= k_min}
     left = {str(n): int(c) for n, c in zip(names, counts) if c < k_min}
     if not shared:
