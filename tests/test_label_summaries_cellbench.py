@@ -1,6 +1,7 @@
 """Label summaries on the CellBench hold-out split (issue 9): from summaries alone the reference
 finds the unseen A549, and after site 1's labelled cells are summarised and merged in, site 2's
-A549 cells are labelled A549 (the library path; `site map --share-labels` does not exist yet)."""
+A549 cells are labelled A549 (the library path; the same through `site map --share-labels`,
+intake and merge: tests/test_label_growth_cellbench.py)."""
 
 from __future__ import annotations
 
