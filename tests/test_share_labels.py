@@ -235,6 +235,19 @@ def test_cli_site_map_shares_labels_and_log_shows_them(world, tmp_path, capsys):
     assert main(["atlas", "log", str(tmp_path / "atlas"), "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["site"]) for r in entries[-1]["labels"]] == [("type_A", "site-a"), ("type_B", "site-a")]
+    # atlas diff: what version 2 added over version 1, and nothing the other way
+    assert main(["atlas", "diff", str(tmp_path / "atlas"), "1", "2", "--json"]) == 0
+    diff = json.loads(capsys.readouterr().out)
+    assert {(c["name"], c["site"]) for c in diff["conditions_added"]} == {
+        (c["name"], c["site"]) for c in entries[-1]["conditions"] if c["site"] == "site-a"}
+    assert [(r["name"], r["site"]) for r in diff["labels_added"]] == [("type_A", "site-a"), ("type_B", "site-a")]
+    assert diff["conditions_removed"] == [] and diff["labels_removed"] == [] and diff["label_names_added"] == []
+    assert main(["atlas", "diff", str(tmp_path / "atlas"), "2", "1", "--json"]) == 0
+    back = json.loads(capsys.readouterr().out)
+    assert back["labels_removed"] == diff["labels_added"] and back["conditions_added"] == []
+    assert main(["atlas", "diff", str(tmp_path / "atlas"), "1", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "label components added: " in text and "type_A@site-a: " in text
 
 
 def _h5ad(world, tmp_path) -> str:

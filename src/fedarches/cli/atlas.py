@@ -65,6 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true", help="JSON list of versions")
     q.set_defaults(func=cmd_log)
 
+    q = asub.add_parser("diff", help="print what changed between two versions (conditions, label components)")
+    q.add_argument("atlas_dir", metavar="ATLAS_DIR")
+    q.add_argument("a", type=int, metavar="A", help="version number")
+    q.add_argument("b", type=int, metavar="B", help="version number")
+    q.add_argument("--json", action="store_true", help="the same as JSON")
+    q.set_defaults(func=cmd_diff)
+
     q = asub.add_parser("serve", help="serve the published repository over HTTP")
     q.add_argument("atlas_dir", metavar="ATLAS_DIR")
     q.add_argument("--host", default="127.0.0.1")
@@ -183,6 +190,31 @@ def cmd_log(args: argparse.Namespace) -> int:
         for c in added:
             print(f"        {c.name}@{c.site}{_metric_note(c.metrics)}")
         _print_labels(e.labels)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from fedarches.server import Atlas
+    from fedarches.server.diff import version_diff
+
+    atlas = Atlas(args.atlas_dir)
+    d = version_diff(atlas.version(args.a), atlas.version(args.b))
+    if args.json:
+        print(json.dumps(d.to_dict(), indent=2))
+        return 0
+    print(f"v{d.a} {d.a_id[:12]} -> v{d.b} {d.b_id[:12]}")
+    for title, rows in (("added", d.conditions_added), ("removed", d.conditions_removed)):
+        print(f"  conditions {title}: {len(rows)}")
+        for c in rows:
+            print(f"    {c['name']}@{c['site']} (since v{c['introduced_in']})")
+    for title, labels in (("added", d.labels_added), ("removed", d.labels_removed)):
+        if labels:
+            print(f"  label components {title}: {sum(r.components for r in labels)}")
+        for r in labels:
+            print(f"    {r.name}@{r.site}: {r.components} components, {r.cells} cells (since v{r.introduced_in})")
+    if d.label_names_added:
+        print(f"  new labels: {', '.join(d.label_names_added)}")
+    print(f"  blobs changed: {', '.join(d.blobs_changed) or 'none'}" + ("; gene list changed" if d.genes_changed else ""))
     return 0
 
 
