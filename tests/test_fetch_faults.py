@@ -201,3 +201,15 @@ def test_an_unusable_trust_cache_is_a_one_line_error(tmp_path):
     client = AtlasClient("http://127.0.0.1:9", b"{}", cache_dir=blocker / "tuf")
     with pytest.raises(TrustCacheError, match="trust cache check failed"):
         client.lineage()
+
+
+def test_site_fetch_takes_the_download_deadline_as_a_setting(atlas, server, fetched, tmp_path, capsys):
+    from fedarches.cli import main
+
+    server.handler.fault = "drip"
+    start = time.monotonic()
+    code = main(["site", "fetch", "--atlas", server.url, "--trust", str(atlas.root_json),
+                 "--cache", str(tmp_path / "site" / "cache"), "--out", str(fetched), "--download-deadline", "2"])
+    took = time.monotonic() - start
+    assert code != 0 and took < 2 + MARGIN_S + 3, took
+    assert "did not finish within 2 s" in capsys.readouterr().err

@@ -17,6 +17,9 @@ def _atlas_args(q: argparse.ArgumentParser) -> None:
         help="trusted-metadata cache, which keeps rollback protection (default: one per site, "
         "$FEDARCHES_CACHE or ~/.cache/fedarches, then sites/<site>-<hash>/tuf/<root digest>)",
     )
+    q.add_argument("--download-deadline", type=float, default=300.0, metavar="SECONDS",
+                   help="refuse a fetch that takes longer than this in all (default 300; a read that "
+                   "stalls for 20 s is refused earlier)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +68,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from fedarches.client import AtlasClient
     from fedarches.format.identity import REFERENCE_SITE
 
-    client = AtlasClient(args.atlas, args.trust, cache_dir=args.cache, site=args.site)
+    client = AtlasClient(args.atlas, args.trust, cache_dir=args.cache, site=args.site,
+                         deadline_s=args.download_deadline)
     f = client.fetch(args.out, args.version, replace_newer=args.force)
     names = ", ".join(c.name if c.site == REFERENCE_SITE else f"{c.name}@{c.site}" for c in f.version.conditions)
     print(f"verified version {f.number} (id {f.id}) of atlas {f.version.atlas!r} -> {f.path}")
@@ -87,6 +91,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         settings=map_settings(args).model_copy(update={"share_labels": args.share_labels}),
         version=args.version,
         cache_dir=args.cache,
+        download_deadline=args.download_deadline,
     )
     if r.status == STATUS_NOTHING_NEW:
         print(f"nothing new: all {len(r.plan.present)} studies of this site ({', '.join(r.plan.present)}) "

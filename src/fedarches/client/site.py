@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from fedarches.atomic import make_dirs, replace_dir, staged_dir, write_bytes
 from fedarches.client.contribution import contribution_tensors
-from fedarches.client.fetch import AtlasClient
+from fedarches.client.fetch import DEADLINE_S, AtlasClient
 from fedarches.client.labels import LabelSharePlan, label_part, plan_label_share
 from fedarches.client.plan import ContributionPlan, plan_contribution
 from fedarches.config import MapSettings
@@ -207,10 +207,12 @@ def map_and_contribute(
     settings: MapSettings = MapSettings(),
     version: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    download_deadline: float = DEADLINE_S,
 ) -> SiteMapResult:
-    """``fedarches site map`` as a function: fetch + verify a version over TUF, then ``map_local``."""
+    """``fedarches site map`` as a function: fetch + verify a version over TUF, then ``map_local``.
+    ``download_deadline``: seconds the whole fetch may take (``AtlasClient``'s ``deadline_s``)."""
     private = _resolve_key(key)  # fail on a bad key before any download or training
-    client = AtlasClient(atlas_url, trust, cache_dir=cache_dir, site=site)
+    client = AtlasClient(atlas_url, trust, cache_dir=cache_dir, site=site, deadline_s=download_deadline)
     out = check_out_dir(out_dir)
     make_dirs(out.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch.", dir=out.parent))
