@@ -99,6 +99,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     threads: int | None = None  # None: leave torch's own setting
     strategy: Strategy = "conditions"
+    # Where it computes (fedarches.device: auto = CUDA when available). A runtime setting,
+    # never stored: a manifest's bytes (and so a version id) do not depend on the machine.
+    device: str = Field(default="auto", exclude=True)
 
 
 class MapSettings(BaseModel):
@@ -117,3 +120,4 @@ class MapSettings(BaseModel):
     # obs column of the site's own labels: share their class summaries in the bundle (opt-in;
     # only onto a version whose label knowledge is summaries). None: share no label knowledge.
     share_labels: str | None = None
+    device: str = Field(default="auto", exclude=True)  # as TrainConfig.device: runtime only, never stored

@@ -9,6 +9,7 @@ AnnData (as scvi-tools separates ``module`` from ``model``).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from fedarches.config import (
     ModelKind,
     TrainConfig,
 )
+from fedarches.data.backed import BackedData, ChunkSettings, as_backed, is_backed, scan_reference
 from fedarches.data.batches import chunked_rows, dense_rows
 from fedarches.data.conditions import ordered_conditions
 from fedarches.data.genes import align_genes, select_genes
@@ -58,8 +60,17 @@ from fedarches.format.model_dir import (
     load_model_dir,
     save_model_dir,
 )
+from fedarches.device import check_device, on_device
 from fedarches.threads import check_threads, thread_limits
-from fedarches.training import MatrixSource, ProjectedSource, TrainHistory, copy_module
+from fedarches.training import (
+    BackedSource,
+    MatrixSource,
+    PreparedRows,
+    ProjectedSource,
+    TrainHistory,
+    copy_module,
+    prepared_rows,
+)
 from fedarches.training import train as train_loop
 
 LATENT_KEY = "X_fedarches"
@@ -238,7 +249,7 @@ class FedArchesModel:
     @classmethod
     def train_reference(
         cls,
-        adata: ad.AnnData,
+        adata: ad.AnnData | BackedData | str | os.PathLike[str],
         condition_key: str,
         label_key: str | None = None,
         *,
@@ -251,16 +262,23 @@ class FedArchesModel:
         progress: bool = True,
         label_knowledge: LabelKnowledge = DEFAULT_LABEL_KNOWLEDGE,
         k_min: int = K_MIN,
+        chunks: ChunkSettings | None = None,
     ) -> "FedArchesModel":
         """Train a reference model on one or more studies (``condition_key``).
 
         Genes: ``n_genes`` highly variable genes chosen on this reference, per study
         (0 keeps all); the list is stored in the model. ``config`` overrides paper
         defaults (e.g. ``{"hidden": (128, 128)}``). ``train.threads``: every thread
-        pool's count (None: the measured defaults; ``fedarches.threads``).
+        pool's count (None: the measured defaults; ``fedarches.threads``);
+        ``train.device``: where it computes (``fedarches.device``).
         ``label_knowledge`` (with labels): what the model saves for label transfer, class
         summaries whose every component stands for >= ``k_min`` cells ("summaries", no
         per-cell array) or the per-cell reference latent ("cells", public references).
+
+        Out of core: a path to an ``.h5ad``, a ``BackedData`` or a backed AnnData
+        (``anndata.read_h5ad(path, backed="r")``) is read in row blocks and never loaded
+        whole; ``chunks`` bounds what is in memory (``fedarches.data.backed.ChunkSettings``,
+        docs/OUT_OF_CORE.md). An in-memory AnnData trains in memory.
         """
         if label_knowledge not in LABEL_KNOWLEDGE:
             raise SettingError(f"setting check failed: label knowledge must be one of {', '.join(LABEL_KNOWLEDGE)}, "
@@ -270,6 +288,13 @@ class FedArchesModel:
             raise SettingError(f"setting check failed: unknown model {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
         train = train or TrainConfig()
         check_threads(train.threads)
+        check_device(train.device)
+        fit = dict(kind=kind, label_key=label_key, train=train, config=config, novelty_fpr=novelty_fpr,
+                   progress=progress, label_knowledge=label_knowledge, k_min=k_min)
+        if is_backed(adata):
+            return cls._train_backed(as_backed(adata, layer), condition_key, n_genes=n_genes,
+                                     chunks=(chunks or ChunkSettings()).check(), **fit)  # type: ignore[arg-type]
+        assert isinstance(adata, ad.AnnData)
         check_shape(adata)
         check_gene_names(adata.var_names)
         conditions = condition_labels(adata, condition_key)
@@ -279,26 +304,75 @@ class FedArchesModel:
         var_names = adata.var_names.astype(str).tolist()
         genes = select_genes(x_full, var_names, conditions, n_genes)
         data = _prepare_matrix(x_full, var_names, conditions, kind, genes)
-        names = ordered_conditions(adata.obs[condition_key])
-        categories, codes = encode_labels(labels, adata.n_obs) if labels is not None else ([], None)
+        del x_full
+
+        def source(module: CVAE, cond_idx: np.ndarray, codes: np.ndarray | None) -> MatrixSource:
+            return MatrixSource(module, data.x, cond_idx, data.library, labels=codes)
+
+        def latent(model: FedArchesModel, cond_idx: np.ndarray) -> np.ndarray:
+            return model._latent(data.x, cond_idx, train.device)
+
+        return cls._fit(genes, ordered_conditions(adata.obs[condition_key]), condition_key, conditions, labels,
+                        source, latent, **fit)  # type: ignore[arg-type]
+
+    @classmethod
+    def _train_backed(cls, data: BackedData, condition_key: str, *, n_genes: int, chunks: ChunkSettings,
+                      kind: ModelKind, **fit: Any) -> "FedArchesModel":
+        """``train_reference`` from a file: every pass over the counts reads row blocks."""
+        probe = ad.AnnData(obs=data.obs, var=pd.DataFrame(index=data.var_names))
+        check_shape(probe)
+        check_gene_names(data.var_names)
+        conditions = condition_labels(probe, condition_key)
+        label_key = fit["label_key"]
+        labels = condition_labels(probe, label_key, what="label") if label_key else None
+        var_names = data.var_names.tolist()
+        reader = data.matrix()
+        try:
+            genes = scan_reference(data, reader, conditions, n_genes, require_integers=(kind == "nb"),
+                                   chunk_cells=chunks.chunk_cells)
+            rows = data.file_rows()
+
+            def read(pos: np.ndarray) -> PreparedRows:
+                prep = _prepare_matrix(reader.rows(rows[pos]), var_names, conditions[pos], kind, genes)
+                return prepared_rows(pos, prep.x, prep.library)
+
+            def source(module: CVAE, cond_idx: np.ndarray, codes: np.ndarray | None) -> BackedSource:
+                return BackedSource(module, read, data.n_obs, cond_idx, labels=codes, chunk_cells=chunks.chunk_cells,
+                                    buffer_chunks=chunks.buffer_chunks, max_batches=chunks.max_steps)
+
+            def latent(model: FedArchesModel, cond_idx: np.ndarray) -> np.ndarray:
+                out = np.empty((data.n_obs, model.config.latent_dim), dtype=np.float32)
+                for pos in np.array_split(np.arange(data.n_obs), max(1, -(-data.n_obs // chunks.chunk_cells))):
+                    out[pos] = model._latent(read(pos).x, cond_idx[pos], fit["train"].device)
+                return out
+
+            return cls._fit(genes, ordered_conditions(data.obs[condition_key]), condition_key, conditions, labels,
+                            source, latent, kind=kind, **fit)
+        finally:
+            reader.close()
+
+    @classmethod
+    def _fit(cls, genes: list[str], names: list[str], condition_key: str, conditions: np.ndarray,
+             labels: np.ndarray | None, source: Any, latent: Any, *, kind: ModelKind, label_key: str | None,
+             train: TrainConfig, config: dict[str, Any] | None, novelty_fpr: float, progress: bool,
+             label_knowledge: LabelKnowledge, k_min: int) -> "FedArchesModel":
+        """What both paths share: the module, training, the reference latent and label index."""
+        categories, codes = encode_labels(labels, len(conditions)) if labels is not None else ([], None)
         model_config = _reference_config(kind, len(genes), len(categories), config)
         torch.manual_seed(train.seed)
         module = CVAE(model_config, names)
-        index = {n: i for i, n in enumerate(names)}
-        cond_idx = np.array([index[c] for c in data.conditions], dtype=np.int64)
-        source = MatrixSource(module, data.x, cond_idx, data.library,
-                              labels=codes if model_config.n_labels else None)
+        cond_idx = pd.Index(names).get_indexer(conditions).astype(np.int64)
         params = module.set_trainable(None)
-        history = train_loop(module, source, params, train, query=False, progress=progress,
-                             description=f"reference ({kind})")
+        history = train_loop(module, source(module, cond_idx, codes if model_config.n_labels else None), params,
+                             train, query=False, progress=progress, description=f"reference ({kind})")
         model = cls(module, genes=genes, condition_key=condition_key, train_config=train, label_key=label_key)
         model.last_history = history
         if labels is not None:
             with thread_limits(train.threads, "inference"):
-                latent = model._latent(data.x, cond_idx)
-                model.reference = label_index(latent, labels, data.conditions, categories, knowledge=label_knowledge,
+                z = latent(model, cond_idx)
+                model.reference = label_index(z, labels, conditions, categories, knowledge=label_knowledge,
                                               fpr=novelty_fpr, k_min=k_min)
-            model.training_latent = latent
+            model.training_latent = z
         return model
 
     # --------------------------------------------------------------- mapping
@@ -347,6 +421,7 @@ class FedArchesModel:
         cfg = self.train_config.model_copy(update={
             "epochs": settings.epochs, "seed": settings.seed, "strategy": strategy,
             "threads": settings.threads if settings.threads is not None else self.train_config.threads,
+            "device": settings.device,
         })
         sub_x = data.x[rows]
         sub_lib = data.library[rows] if data.library is not None else None
@@ -366,7 +441,7 @@ class FedArchesModel:
         model.condition_owners = {**self.condition_owners, **({ids[c]: (site, c) for c in new} if site else {})}
         model.last_history = history
         with thread_limits(cfg.threads, "inference"):
-            out = model._annotate(adata, data, cond_idx)
+            out = model._annotate(adata, data, cond_idx, settings.device)
         label_transfer = None
         if self.label_key and self.label_key in adata.obs and self.reference is not None:
             label_transfer = _accuracy_summary(out, self.label_key, self.reference.categories)
@@ -394,11 +469,12 @@ class FedArchesModel:
         return MapResult(model=model, adata=out, report=report)
 
     def embed(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None,
-              threads: int | None = None, site: str | None = None) -> ad.AnnData:
+              threads: int | None = None, site: str | None = None, device: str | None = None) -> ad.AnnData:
         """Latent (and label predictions) for cells of conditions the model holds; no training.
         ``threads``: every thread pool's count (None: the measured default; ``fedarches.threads``).
         ``site``: whose data this is: its names find its own conditions, then the reference
-        studies (None: an id, or a name only one site uses; ``format.identity``)."""
+        studies (None: an id, or a name only one site uses; ``format.identity``).
+        ``device``: where the encoder runs (``fedarches.device``; None: auto)."""
         key = condition_key or self.condition_key
         data, _ = _prepare(adata, self.config.kind, self.genes, key, layer)
         names = self.condition_index()
@@ -415,20 +491,20 @@ class FedArchesModel:
         index = {n: i for i, n in enumerate(self.conditions)}
         cond_idx = np.array([index[ids[c]] for c in data.conditions], dtype=np.int64)
         with thread_limits(threads, "inference"):
-            return self._annotate(adata, data, cond_idx)
+            return self._annotate(adata, data, cond_idx, check_device(device))
 
     def get_latent(self, adata: ad.AnnData, condition_key: str | None = None, *, layer: str | None = None,
                    threads: int | None = None, site: str | None = None) -> np.ndarray:
         return np.asarray(self.embed(adata, condition_key, layer=layer, threads=threads, site=site).obsm[LATENT_KEY])
 
-    def _latent(self, x: sp.csr_matrix, cond_idx: np.ndarray) -> np.ndarray:
+    def _latent(self, x: sp.csr_matrix, cond_idx: np.ndarray, device: str | None = None) -> np.ndarray:
         self.module.eval()
         out = np.empty((x.shape[0], self.config.latent_dim), dtype=np.float32)
-        with torch.no_grad():
+        with torch.no_grad(), on_device(self.module, device) as dev:
             for rows in chunked_rows(x.shape[0]):
-                xb = dense_rows(x, rows)
-                z = self.module.latent(torch.from_numpy(cond_idx[rows]), self.module.encoder_input(xb))
-                out[rows[0]: rows[-1] + 1] = z.numpy()
+                xb = dense_rows(x, rows).to(dev)
+                z = self.module.latent(torch.from_numpy(cond_idx[rows]).to(dev), self.module.encoder_input(xb))
+                out[rows[0]: rows[-1] + 1] = z.cpu().numpy()
         return out
 
     def _classifier_probabilities(self, latent: np.ndarray) -> np.ndarray | None:
@@ -447,9 +523,10 @@ class FedArchesModel:
             out[start:start + 65536] = self.module.label_probabilities(z).numpy()
         return out
 
-    def _annotate(self, adata: ad.AnnData, data: PreparedData, cond_idx: np.ndarray) -> ad.AnnData:
+    def _annotate(self, adata: ad.AnnData, data: PreparedData, cond_idx: np.ndarray,
+                  device: str | None = None) -> ad.AnnData:
         out = adata.copy()
-        out.obsm[LATENT_KEY] = self._latent(data.x, cond_idx)
+        out.obsm[LATENT_KEY] = self._latent(data.x, cond_idx, device)
         if self.reference is not None and self.label_key:
             # One query-shift guard for everything annotated together (the cells of one
             # site share a state; per-study guards lost A549 on CellBench, where one

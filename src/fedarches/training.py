@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from fedarches.config import TrainConfig
+from fedarches.device import on_device, to_device
 from fedarches.data.batches import (
     canonical_csr,
     chunked_rows,
@@ -44,7 +46,18 @@ def default_epochs(n_cells: int) -> int:
 class BatchSource(Protocol):
     n_cells: int
 
+    def minibatches(self, rows: np.ndarray, batch_size: int,
+                    rng: np.random.Generator | None) -> Iterator[np.ndarray]: ...
+
     def loss_kwargs(self, rows: np.ndarray) -> dict[str, object]: ...
+
+
+class InMemoryBatches:
+    """Any order of rows is cheap when the matrix is in memory: plain shuffled minibatches."""
+
+    def minibatches(self, rows: np.ndarray, batch_size: int,
+                    rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+        return minibatch_indices(rows, batch_size, rng)
 
 
 def _count_terms(x: sp.csr_matrix, library: np.ndarray | None) -> tuple[sp.csr_matrix, np.ndarray | None]:
@@ -57,7 +70,7 @@ def _count_terms(x: sp.csr_matrix, library: np.ndarray | None) -> tuple[sp.csr_m
 
 
 @dataclass
-class MatrixSource:
+class MatrixSource(InMemoryBatches):
     """Minibatches straight from the (normalised, for trVAE) sparse matrix."""
 
     module: CVAE
@@ -87,7 +100,80 @@ class MatrixSource:
 
 
 @dataclass
-class ProjectedSource:
+class PreparedRows:
+    """Rows of a matrix as the model trains on them (what a :class:`BackedSource` holds)."""
+
+    rows: np.ndarray  # sorted file rows
+    x: sp.csr_matrix  # normalised (trVAE) or canonical counts (NB), one row per entry of ``rows``
+    library: np.ndarray | None
+    lgamma_x1: np.ndarray | None
+
+
+@dataclass
+class BackedSource:
+    """Minibatches from a matrix on disk, a buffer of a few row blocks at a time.
+
+    Random rows of an ``.h5ad`` are one disk read each; contiguous blocks are one read
+    per block. So an epoch visits the training rows in blocks of ``chunk_cells`` in a
+    shuffled order, ``buffer_chunks`` blocks at a time, and shuffles minibatches within
+    that buffer: memory is bounded by the buffer, not by the number of cells. With one
+    block holding every row, the minibatches are exactly :class:`MatrixSource`'s.
+    ``read``: sorted file rows -> :class:`PreparedRows` (normalisation per chunk).
+    """
+
+    module: CVAE
+    read: Callable[[np.ndarray], PreparedRows]
+    n_cells: int
+    condition: np.ndarray  # int64 per file row
+    labels: np.ndarray | None = None
+    chunk_cells: int = 65536
+    buffer_chunks: int = 4
+    max_batches: int | None = None  # per call of minibatches (a fixed number of steps per epoch)
+    buffer: PreparedRows | None = field(default=None, init=False, repr=False)
+
+    def minibatches(self, rows: np.ndarray, batch_size: int,
+                    rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+        blocks = [rows[s: s + self.chunk_cells] for s in range(0, len(rows), self.chunk_cells)]
+        if rng is not None and len(blocks) > 1:
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        done = 0
+        for g in range(0, len(blocks), self.buffer_chunks):
+            group = np.sort(np.concatenate(blocks[g: g + self.buffer_chunks]))
+            self.buffer = None  # free the last buffer before reading the next
+            self.buffer = self.read(group)
+            for b in minibatch_indices(group, batch_size, rng):
+                if self.max_batches is not None and rng is not None and done >= self.max_batches:
+                    return
+                done += 1
+                yield b
+        self.buffer = None
+
+    def loss_kwargs(self, rows: np.ndarray) -> dict[str, object]:
+        buf = self.buffer
+        assert buf is not None, "loss_kwargs outside minibatches()"
+        pos = np.searchsorted(buf.rows, rows)
+        kw: dict[str, object] = {"condition": torch.from_numpy(self.condition[rows])}
+        if self.labels is not None:
+            kw["labels"] = torch.from_numpy(self.labels[rows])
+        if buf.library is not None:
+            assert buf.lgamma_x1 is not None
+            x, kw["nonzeros"] = count_rows(buf.x, pos, buf.lgamma_x1)
+            kw["library"] = torch.from_numpy(buf.library[pos])
+        else:
+            x = dense_rows(buf.x, pos)
+        kw["x_in"] = self.module.encoder_input(x)
+        kw["target"] = x
+        return kw
+
+
+def prepared_rows(rows: np.ndarray, x: sp.csr_matrix, library: np.ndarray | None) -> PreparedRows:
+    """What :class:`MatrixSource` precomputes, for one buffer of rows."""
+    x, lgamma = _count_terms(x, library)
+    return PreparedRows(rows=rows, x=x, library=library, lgamma_x1=lgamma)
+
+
+@dataclass
+class ProjectedSource(InMemoryBatches):
     """Query data with the first encoder layer's expression part precomputed.
 
     Valid only while ``enc_in`` is frozen. For trVAE with a frozen output layer it
@@ -156,7 +242,12 @@ def _freeze_norm_statistics(module: nn.Module) -> None:
             m.eval()
 
 
-def _mean_loss(module: CVAE, source: BatchSource, rows: np.ndarray, batch_size: int, kl_weight: float) -> float:
+def _batch(source: BatchSource, rows: np.ndarray, device: torch.device) -> dict[str, object]:
+    return to_device(source.loss_kwargs(rows), device)  # type: ignore[no-any-return]
+
+
+def _mean_loss(module: CVAE, source: BatchSource, rows: np.ndarray, batch_size: int, kl_weight: float,
+               device: torch.device) -> float:
     was_training = module.training
     module.eval()
     total, n = 0.0, 0
@@ -165,8 +256,8 @@ def _mean_loss(module: CVAE, source: BatchSource, rows: np.ndarray, batch_size: 
     # objective it is trained on); without MMD, larger batches are just faster.
     size = batch_size if module.config.mmd_weight > 0 else max(batch_size, 1024)
     with torch.no_grad():
-        for b in minibatch_indices(rows, size, None):
-            parts = module.loss(kl_weight=kl_weight, **source.loss_kwargs(b))  # type: ignore[arg-type]
+        for b in source.minibatches(rows, size, None):
+            parts = module.loss(kl_weight=kl_weight, **_batch(source, b, device))
             total += float(parts.total) * len(b)
             n += len(b)
     module.train(was_training)
@@ -189,12 +280,13 @@ def train(
     In query mode batch-norm statistics stay frozen: the reference's normalisation
     must not drift, or frozen tensors would change (invariant 2).
     """
-    with thread_limits(cfg.threads, "training"):
-        return _train(module, source, params, cfg, query=query, progress=progress, description=description)
+    with thread_limits(cfg.threads, "training"), on_device(module, cfg.device) as device:
+        return _train(module, source, params, cfg, query=query, progress=progress, description=description,
+                      device=device)
 
 
 def _train(module: CVAE, source: BatchSource, params: list[nn.Parameter], cfg: TrainConfig, *,
-           query: bool, progress: bool, description: str) -> TrainHistory:
+           query: bool, progress: bool, description: str, device: torch.device) -> TrainHistory:
     c = module.config
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -227,8 +319,8 @@ def _train(module: CVAE, source: BatchSource, params: list[nn.Parameter], cfg: T
             if query:
                 _freeze_norm_statistics(module)
             running, seen = 0.0, 0
-            for rows in minibatch_indices(train_rows, cfg.batch_size, rng):
-                parts = module.loss(kl_weight=kl_weight, **source.loss_kwargs(rows))  # type: ignore[arg-type]
+            for rows in source.minibatches(train_rows, cfg.batch_size, rng):
+                parts = module.loss(kl_weight=kl_weight, **_batch(source, rows, device))  # type: ignore[arg-type]
                 optim.zero_grad(set_to_none=True)
                 parts.total.backward()
                 if c.grad_clip > 0:
@@ -240,7 +332,7 @@ def _train(module: CVAE, source: BatchSource, params: list[nn.Parameter], cfg: T
             history.train_loss.append(train_loss)
             monitor = train_loss
             if n_val:
-                monitor = _mean_loss(module, source, val_rows, cfg.batch_size, kl_weight)
+                monitor = _mean_loss(module, source, val_rows, cfg.batch_size, kl_weight, device)
                 history.validation_loss.append(monitor)
             history.epoch_seconds.append(time.perf_counter() - t0)
             history.epochs = epoch + 1

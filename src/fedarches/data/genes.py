@@ -92,3 +92,83 @@ def align_genes(
     aligned = (x @ selector).tocsr()
     aligned.sort_indices()
     return aligned.astype(np.float32, copy=False), overlap
+
+
+class StudyGeneStats:
+    """What ``select_genes`` computes from the matrix, accumulated block by block.
+
+    scanpy's seurat_v3 with a batch key needs, per study and gene, the mean and variance
+    of the counts (pass 1: sums of x and x^2), then a loess fit of log variance on log mean
+    and the sums of the counts clipped at ``mean + sqrt(n) * fitted sd`` (pass 2). Both are
+    sums over cells, so two streamed passes over an ``.h5ad`` choose the same genes as the
+    in-memory path without the matrix in memory. Studies are sorted by name (``np.unique``).
+    """
+
+    def __init__(self, studies: Sequence[str], n_genes: int) -> None:
+        self.studies = sorted(set(map(str, studies)))
+        self.n_genes = n_genes
+        shape = (len(self.studies), n_genes)
+        self.cells = np.zeros(len(self.studies), dtype=np.int64)
+        self.sum, self.sum_sq = np.zeros(shape), np.zeros(shape)
+        self.clip_sum, self.clip_sum_sq = np.zeros(shape), np.zeros(shape)
+        self.clip: np.ndarray | None = None
+
+    def codes(self, batches: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.studies, np.asarray(batches).astype(str))
+
+    def _flat(self, x: sp.csr_matrix, codes: np.ndarray) -> np.ndarray:
+        return np.repeat(codes, np.diff(x.indptr)) * self.n_genes + x.indices
+
+    def add(self, x: sp.csr_matrix, batches: np.ndarray) -> None:
+        """Pass 1: one block of raw counts and its cells' studies."""
+        codes = self.codes(batches)
+        size = self.sum.size
+        flat, v = self._flat(x, codes), x.data.astype(np.float64)
+        self.sum += np.bincount(flat, weights=v, minlength=size).reshape(self.sum.shape)
+        self.sum_sq += np.bincount(flat, weights=v * v, minlength=size).reshape(self.sum.shape)
+        self.cells += np.bincount(codes, minlength=len(self.studies))
+
+    def mean_var(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.cells[:, None].astype(np.float64)
+        mean = self.sum / n
+        var = np.maximum(self.sum_sq / n - mean**2, 0.0)
+        return mean, var * n / np.maximum(n - 1, 1)  # scanpy's unbiased variance
+
+    def fit(self, span: float = 1.0) -> np.ndarray:
+        """After pass 1: the loess fits and the per-study clip values; returns the fitted sd."""
+        from skmisc.loess import loess
+
+        mean, var = self.mean_var()
+        reg_std = np.ones_like(mean)
+        for b in range(len(self.studies)):
+            ok = var[b] > 0
+            model = loess(np.log10(mean[b, ok]), np.log10(var[b, ok]), span=span, degree=2)
+            model.fit()
+            est = np.zeros(self.n_genes)
+            est[ok] = model.outputs.fitted_values
+            reg_std[b] = np.sqrt(10**est)
+        self.clip = reg_std * np.sqrt(self.cells[:, None].astype(np.float64)) + mean
+        return reg_std
+
+    def add_clipped(self, x: sp.csr_matrix, batches: np.ndarray) -> None:
+        """Pass 2 (after :meth:`fit`): the same blocks again, counts clipped per study."""
+        assert self.clip is not None, "fit() before add_clipped()"
+        flat = self._flat(x, self.codes(batches))
+        v = np.minimum(x.data.astype(np.float64), self.clip.ravel()[flat])
+        size = self.sum.size
+        self.clip_sum += np.bincount(flat, weights=v, minlength=size).reshape(self.sum.shape)
+        self.clip_sum_sq += np.bincount(flat, weights=v * v, minlength=size).reshape(self.sum.shape)
+
+    def select(self, genes: Sequence[str], n_top: int, reg_std: np.ndarray) -> list[str]:
+        """seurat_v3's ranking (median rank over studies, then number of studies) on the sums."""
+        mean, _ = self.mean_var()
+        n = self.cells[:, None].astype(np.float64)
+        norm_var = (n * mean**2 + self.clip_sum_sq - 2 * self.clip_sum * mean) / ((n - 1) * reg_std**2)
+        ranks = np.argsort(np.argsort(-norm_var, axis=1), axis=1).astype(np.float32)
+        n_batches = (ranks < n_top).sum(axis=0)
+        ranks[ranks >= n_top] = np.nan
+        median = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
+        df = pd.DataFrame({"rank": median, "nbatches": n_batches}, index=pd.Index(list(genes)))
+        chosen = set(df.sort_values(["rank", "nbatches"], ascending=[True, False], na_position="last")
+                     .index[:n_top])
+        return [g for g in genes if g in chosen]
