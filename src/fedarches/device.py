@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fedarches.errors import SettingError
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved: the CLI's parser stays light
+    import torch
+    from torch import nn
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")  # the --device choices (cuda:N is accepted too)
 DEFAULT_DEVICE = "auto"
@@ -26,6 +27,8 @@ DEFAULT_DEVICE = "auto"
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``auto`` (or None): CUDA when available, else CPU; ``cuda`` without CUDA is a
     ``SettingError`` that says what to do."""
+    import torch
+
     name = str(device) if device is not None else DEFAULT_DEVICE
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -56,6 +59,8 @@ def check_device(device: str | None) -> str | None:
 def to_device(value: Any, device: torch.device) -> Any:
     """Tensors (also inside dicts and dataclasses such as ``Nonzeros``) moved to ``device``;
     on the CPU everything is returned as it is, so CPU results cannot change."""
+    import torch
+
     if device.type == "cpu":
         return value
     if isinstance(value, torch.Tensor):
@@ -71,6 +76,8 @@ def to_device(value: Any, device: torch.device) -> Any:
 @contextmanager
 def on_device(module: nn.Module, device: str | torch.device | None) -> Iterator[torch.device]:
     """``module`` on ``device`` inside the block, back on the CPU after it (even on error)."""
+    import torch
+
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if dev.type == "cpu":
         yield dev

@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedarches.cli.core import label_knowledge_options
+from fedarches.cli.core import device_option, label_knowledge_options
 from fedarches.config import MODEL_KINDS
+from fedarches.device import check_device
 from fedarches.errors import DataFileError
 
 
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=None,
                    help="threads for every pool: torch, BLAS, OpenMP, faiss, numba (default: measured, docs/THREADS.md)")
+    device_option(q)
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     label_knowledge_options(q)
     q.set_defaults(func=cmd_build)
@@ -125,6 +127,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         n_genes=args.n_genes,
         seed=args.seed,
         threads=args.threads,
+        device=check_device(args.device),
         layer=args.layer,
         progress=not args.quiet,
         reference_studies=parse_names(args.reference_studies),

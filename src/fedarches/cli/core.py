@@ -6,6 +6,7 @@ import argparse
 
 from fedarches.config import DEFAULT_LABEL_KNOWLEDGE, K_MIN, LABEL_KNOWLEDGE, MODEL_KINDS, STRATEGIES, MapSettings, TrainConfig
 from fedarches.data.io import read_h5ad
+from fedarches.device import DEFAULT_DEVICE, DEVICES, check_device
 from fedarches.mapping import check_out_dir
 from fedarches.threads import check_threads
 
@@ -13,7 +14,7 @@ from fedarches.threads import check_threads
 def map_settings(args: argparse.Namespace) -> MapSettings:
     """The one place command-line options become ``MapSettings`` (``map`` and ``site map``)."""
     return MapSettings(epochs=args.epochs, strategy=args.strategy, seed=args.seed, threads=check_threads(args.threads),
-                       progress=not args.quiet)
+                       progress=not args.quiet, device=check_device(args.device))
 
 
 def map_options(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,27 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every pool: torch, BLAS, OpenMP, faiss, numba (default: measured, docs/THREADS.md)")
+    device_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def device_option(p: argparse.ArgumentParser) -> None:
+    """--device, on every command that computes."""
+    p.add_argument("--device", default=DEFAULT_DEVICE, metavar="|".join(DEVICES),
+                   help="where torch computes: auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
+                        "(default auto; docs/OUT_OF_CORE.md)")
+
+
+def backed_options(p: argparse.ArgumentParser) -> None:
+    """Out-of-core training (docs/OUT_OF_CORE.md)."""
+    p.add_argument("--backed", action="store_true",
+                   help="train from the file without loading its matrix: row blocks are read as needed, so "
+                        "memory is bounded by --chunk-cells x --buffer-chunks, not by the number of cells "
+                        "(the matrix must be CSR)")
+    p.add_argument("--chunk-cells", type=int, default=65536,
+                   help="with --backed: cells per contiguous block read from the file (default 65536)")
+    p.add_argument("--buffer-chunks", type=int, default=4,
+                   help="with --backed: blocks held at once; minibatches are shuffled within them (default 4)")
 
 
 def label_knowledge_options(p: argparse.ArgumentParser) -> None:
@@ -69,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--layer", default=None, help="read counts from this layer instead of .X")
+    backed_options(p)
     label_knowledge_options(p)
     _run_options(p)
     p.set_defaults(func=cmd_train_reference)
@@ -92,6 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="whose data this is: its study names find that site's own conditions in an atlas version")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every pool: torch, BLAS, OpenMP, faiss, numba (default: measured, docs/THREADS.md)")
+    device_option(p)
     plot_option(p)
     p.set_defaults(func=cmd_embed)
 
@@ -101,12 +124,22 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
     from fedarches.reference_summary import train_reference_with_summary
 
     out = check_out_dir(args.out, marker="manifest.json")
-    cfg = TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads)
+    cfg = TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads, device=check_device(args.device))
+    studies = parse_names(args.reference_studies)
+    options = {}
+    if args.backed:
+        from fedarches.data.backed import BackedData, ChunkSettings
+
+        options["chunks"] = ChunkSettings(chunk_cells=args.chunk_cells, buffer_chunks=args.buffer_chunks).check()
+        data = BackedData.open(args.data, args.layer).select(args.condition_key, studies)
+        studies = None
+    else:
+        data = read_h5ad(args.data)
     model, summary = train_reference_with_summary(
-        read_h5ad(args.data), args.condition_key, args.label_key,
-        reference_studies=parse_names(args.reference_studies), kind=args.model, n_genes=args.n_genes,
+        data, args.condition_key, args.label_key,
+        reference_studies=studies, kind=args.model, n_genes=args.n_genes,
         layer=args.layer, train=cfg, progress=not args.quiet,
-        label_knowledge=args.label_knowledge, k_min=args.k_min,
+        label_knowledge=args.label_knowledge, k_min=args.k_min, **options,
     )
     model.save(out)
     for line in summary.lines():
@@ -150,7 +183,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     model = FedArchesModel.load(args.model)
     out = model.embed(read_h5ad(args.data), args.condition_key, layer=args.layer, threads=args.threads,
-                      site=args.site)
+                      site=args.site, device=check_device(args.device))
     path = Path(args.out)
     make_dirs(path.parent)
     write_h5ad(out, path)

@@ -25,6 +25,8 @@ from fedarches.errors import ColumnError, DataFileError, SettingError
 
 #: Rows apart beyond which two wanted rows are read with two reads instead of one.
 READ_GAP = 4096
+#: Most file rows one read covers (a wanted run longer than this is read in pieces).
+READ_SPAN = 16384
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,12 @@ class CSRFile:
         return sp.csr_matrix((data, indices, self.indptr[start: stop + 1] - a), shape=(stop - start, self.shape[1]))
 
     def rows(self, rows: np.ndarray) -> sp.csr_matrix:
-        """Sorted ``rows``, reading each run of nearby rows once."""
+        """Sorted ``rows``, reading each run of nearby rows once, at most ``READ_SPAN`` file rows
+        per read (so a sparse selection, such as the validation cells, never reads a whole
+        stretch of the file into memory at once)."""
         if len(rows) == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
-        cuts = np.flatnonzero(np.diff(rows) > READ_GAP) + 1
+        cuts = np.flatnonzero((np.diff(rows) > READ_GAP) | (np.diff(rows // READ_SPAN) != 0)) + 1
         parts = []
         for run in np.split(rows, cuts):
             lo, hi = int(run[0]), int(run[-1]) + 1
@@ -116,7 +120,10 @@ class BackedData:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], layer: str | None = None) -> "BackedData":
-        from anndata.io import read_elem
+        try:
+            from anndata.io import read_elem
+        except ImportError:  # anndata < 0.11
+            from anndata.experimental import read_elem
 
         p = Path(path)
         if not p.is_file():

@@ -75,6 +75,7 @@ __all__ = ["cell_type_names", "simulate", "study_names"]
 BLOCK_CELLS = 4096  # cells per random stream; fixed so results never depend on n_jobs
 _MU_REJECTION = 5.0  # above this mean, zero-truncated draws use gamma-Poisson rejection (measured faster)
 _MAX_INVERSE_STEPS = 2000
+_CELL_CHUNK_STREAM = 3  # design-stream key of the cells of one chunk (simulate(cell_seed=))
 _DESIGN_STREAM = 2**32 - 1  # spawn-key prefix of the optional design streams (blocks use (block,))
 
 
@@ -285,6 +286,7 @@ def simulate(
     state_type_sd: float = 0.5,
     siblings: Mapping[str, tuple[str, float]] | None = None,
     n_jobs: int = -1,
+    cell_seed: int | None = None,
 ) -> ad.AnnData:
     """Simulate a multi-study UMI count matrix.
 
@@ -324,6 +326,13 @@ def simulate(
     shares. Siblings follow the ``n_cell_types`` types in ``obs["cell_type"]``'s
     categories and may be named in ``held_out``. Neither option changes the
     programs, study effects or response of the other types.
+
+    ``cell_seed``: chunks of one larger data set. The gene-level design (programs,
+    study effects, dispersions) comes from ``seed`` alone and the cells (study type
+    mixes, types, library sizes, counts) from their own stream keyed by ``cell_seed``,
+    so calls with one ``seed`` and different ``cell_seed`` give cells of the same
+    types and studies that can be appended to one file (obs names repeat per chunk:
+    rename them). None (the default) keeps every output as it was.
     """
     n_cells = _check_positive_int("n_cells", n_cells)
     n_genes = _check_positive_int("n_genes", n_genes)
@@ -361,6 +370,9 @@ def simulate(
     n_types = len(types)
     allowed = _allowed_types(held_out, studies, types)
     master = np.random.default_rng(np.random.SeedSequence(int(seed)))
+    if cell_seed is not None and (isinstance(cell_seed, bool) or not isinstance(cell_seed, (int, np.integer))
+                                  or cell_seed < 0):
+        raise SettingError(f"setting check failed: cell_seed must be a non-negative integer or None, got {cell_seed!r}")
 
     # ---- gene-level design
     base = master.normal(0.0, gene_log_sd, n_genes)
@@ -395,6 +407,8 @@ def simulate(
     q = q.reshape(n_types * n_studies, n_genes).astype(np.float32)
 
     # ---- cells: study blocks, type proportions per study, library sizes
+    cells_rng = master if cell_seed is None else _design_rng(seed, _CELL_CHUNK_STREAM, int(cell_seed))
+    chunk_key: tuple[int, ...] = () if cell_seed is None else (_DESIGN_STREAM, _CELL_CHUNK_STREAM, int(cell_seed))
     sizes = np.full(n_studies, n_cells // n_studies)
     sizes[: n_cells % n_studies] += 1
     study_code = np.repeat(np.arange(n_studies), sizes)
@@ -402,10 +416,10 @@ def simulate(
     offset = 0
     for s in range(n_studies):
         ok = np.flatnonzero(allowed[s])
-        p = master.dirichlet(np.full(ok.size, type_balance))
-        type_code[offset: offset + sizes[s]] = ok[master.choice(ok.size, size=sizes[s], p=p)]
+        p = cells_rng.dirichlet(np.full(ok.size, type_balance))
+        type_code[offset: offset + sizes[s]] = ok[cells_rng.choice(ok.size, size=sizes[s], p=p)]
         offset += sizes[s]
-    library_factor = np.exp(study_lib[study_code] + master.normal(0.0, library_sd, n_cells))
+    library_factor = np.exp(study_lib[study_code] + cells_rng.normal(0.0, library_sd, n_cells))
     library = (library_size * library_factor).astype(np.float32)
     group = type_code * n_studies + study_code
 
@@ -414,7 +428,7 @@ def simulate(
 
     def block(b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows = slice(b * BLOCK_CELLS, min((b + 1) * BLOCK_CELLS, n_cells))
-        rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(b,)))
+        rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(*chunk_key, b)))
         return _nb_block(rng, library[rows], q, group[rows], theta_g)
 
     if workers == 1 or n_blocks == 1:
