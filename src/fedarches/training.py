@@ -69,6 +69,27 @@ def _count_terms(x: sp.csr_matrix, library: np.ndarray | None) -> tuple[sp.csr_m
     return x, lgamma_counts_per_row(x)
 
 
+def _cell_batch(condition: np.ndarray, labels: np.ndarray | None, rows: np.ndarray) -> dict[str, object]:
+    kw: dict[str, object] = {"condition": torch.from_numpy(condition[rows])}
+    if labels is not None:
+        kw["labels"] = torch.from_numpy(labels[rows])
+    return kw
+
+
+def _matrix_batch(module: CVAE, x: sp.csr_matrix, library: np.ndarray | None, lgamma_x1: np.ndarray | None,
+                  pos: np.ndarray, kw: dict[str, object]) -> dict[str, object]:
+    """A minibatch's expression tensors from rows ``pos`` of ``x`` (what every matrix source trains on)."""
+    if library is not None:
+        assert lgamma_x1 is not None
+        xb, kw["nonzeros"] = count_rows(x, pos, lgamma_x1)
+        kw["library"] = torch.from_numpy(library[pos])
+    else:
+        xb = dense_rows(x, pos)
+    kw["x_in"] = module.encoder_input(xb)
+    kw["target"] = xb
+    return kw
+
+
 @dataclass
 class MatrixSource(InMemoryBatches):
     """Minibatches straight from the (normalised, for trVAE) sparse matrix."""
@@ -85,18 +106,8 @@ class MatrixSource(InMemoryBatches):
         self.x, self.lgamma_x1 = _count_terms(self.x, self.library)
 
     def loss_kwargs(self, rows: np.ndarray) -> dict[str, object]:
-        kw: dict[str, object] = {"condition": torch.from_numpy(self.condition[rows])}
-        if self.labels is not None:
-            kw["labels"] = torch.from_numpy(self.labels[rows])
-        if self.library is not None:
-            assert self.lgamma_x1 is not None
-            x, kw["nonzeros"] = count_rows(self.x, rows, self.lgamma_x1)
-            kw["library"] = torch.from_numpy(self.library[rows])
-        else:
-            x = dense_rows(self.x, rows)
-        kw["x_in"] = self.module.encoder_input(x)
-        kw["target"] = x
-        return kw
+        return _matrix_batch(self.module, self.x, self.library, self.lgamma_x1, rows,
+                             _cell_batch(self.condition, self.labels, rows))
 
 
 @dataclass
@@ -151,19 +162,8 @@ class BackedSource:
     def loss_kwargs(self, rows: np.ndarray) -> dict[str, object]:
         buf = self.buffer
         assert buf is not None, "loss_kwargs outside minibatches()"
-        pos = np.searchsorted(buf.rows, rows)
-        kw: dict[str, object] = {"condition": torch.from_numpy(self.condition[rows])}
-        if self.labels is not None:
-            kw["labels"] = torch.from_numpy(self.labels[rows])
-        if buf.library is not None:
-            assert buf.lgamma_x1 is not None
-            x, kw["nonzeros"] = count_rows(buf.x, pos, buf.lgamma_x1)
-            kw["library"] = torch.from_numpy(buf.library[pos])
-        else:
-            x = dense_rows(buf.x, pos)
-        kw["x_in"] = self.module.encoder_input(x)
-        kw["target"] = x
-        return kw
+        return _matrix_batch(self.module, buf.x, buf.library, buf.lgamma_x1, np.searchsorted(buf.rows, rows),
+                             _cell_batch(self.condition, self.labels, rows))
 
 
 def prepared_rows(rows: np.ndarray, x: sp.csr_matrix, library: np.ndarray | None) -> PreparedRows:
