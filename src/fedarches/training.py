@@ -253,8 +253,10 @@ def _mean_loss(module: CVAE, source: BatchSource, rows: np.ndarray, batch_size: 
     total, n = 0.0, 0
     # The MMD is pairwise: its cost is quadratic in the batch size and its estimate
     # depends on it, so an MMD model is validated at the training batch size (the same
-    # objective it is trained on); without MMD, larger batches are just faster.
-    size = batch_size if module.config.mmd_weight > 0 else max(batch_size, 1024)
+    # objective it is trained on); without MMD the loss is a sum over cells and the batch
+    # size only sets speed: 256 cells keep the cell x gene intermediates in cache, where
+    # 1024 measured slower per cell (benchmarks/NB_EPOCH.md).
+    size = batch_size if module.config.mmd_weight > 0 else max(batch_size, 256)
     with torch.no_grad():
         for b in source.minibatches(rows, size, None):
             parts = module.loss(kl_weight=kl_weight, **_batch(source, b, device))

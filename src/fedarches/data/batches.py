@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 from scipy.special import gammaln
 
-from fedarches.models.losses import Nonzeros
+from fedarches.models.losses import RECURRENCE_COUNTS, Nonzeros
 
 
 def dense_rows(x: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
@@ -45,9 +45,27 @@ def count_rows(x: sp.csr_matrix, rows: np.ndarray, lgamma_x1: np.ndarray) -> tup
     dense = torch.from_numpy(sub.toarray().astype(np.float32, copy=False))
     row_of = np.repeat(np.arange(len(rows), dtype=np.int64), np.diff(sub.indptr))
     flat = row_of * x.shape[1] + sub.indices.astype(np.int64)
-    nz = Nonzeros(flat=torch.from_numpy(flat), values=torch.from_numpy(sub.data.astype(np.float32, copy=False)),
-                  lgamma_x1=torch.tensor(float(lgamma_x1[rows].sum()), dtype=torch.float32))
+    values = sub.data.astype(np.float32, copy=False)
+    order, above = _by_count(values)
+    if order is not None:
+        flat, values = flat[order], values[order]
+    nz = Nonzeros(flat=torch.from_numpy(flat), values=torch.from_numpy(values),
+                  lgamma_x1=torch.tensor(float(lgamma_x1[rows].sum()), dtype=torch.float32), above=above)
     return dense, nz
+
+
+def _by_count(values: np.ndarray) -> tuple[np.ndarray | None, tuple[int, ...] | None]:
+    """An order of the entries, largest counts first in buckets 1 .. RECURRENCE_COUNTS + 1
+    (larger counts share the top bucket), and ``above[k]`` = how many exceed k: what
+    ``Nonzeros.above`` promises. (None, None) unless every entry is a whole count."""
+    k_max = RECURRENCE_COUNTS
+    if values.size == 0 or not np.array_equal(values, np.floor(values)) or values.min() < 0:
+        return None, None
+    bucket = np.minimum(values, k_max + 1).astype(np.int8)
+    order = np.argsort(-bucket, kind="stable")
+    per = np.bincount(bucket, minlength=k_max + 2)  # entries with bucket 0 .. k_max + 1
+    above = np.cumsum(per[::-1])[::-1][1:]  # above[k] = entries with bucket > k, k = 0 .. k_max
+    return order, tuple(int(v) for v in above)
 
 
 def minibatch_indices(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:

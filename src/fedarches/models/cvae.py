@@ -24,7 +24,13 @@ from torch import nn
 
 from fedarches.config import ModelConfig, Strategy
 from fedarches.models.conditions import ConditionTable
-from fedarches.models.losses import Nonzeros, kl_normal, mmd_between_conditions, nb_log_likelihood
+from fedarches.models.losses import (
+    Nonzeros,
+    kl_normal,
+    mmd_between_conditions,
+    nb_log_likelihood,
+    nb_log_likelihood_logits,
+)
 
 CONDITION_TABLE_PREFIXES = ("enc_cond.", "dec_cond.", "dispersion.")
 
@@ -42,6 +48,13 @@ def _post(width: int, norm: str, kind: str, dropout: float) -> nn.Sequential:
 
 def _block(d_in: int, d_out: int, norm: str, kind: str, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), *_post(d_out, norm, kind, dropout))
+
+
+def _rows(table: ConditionTable, condition: torch.Tensor) -> torch.Tensor:
+    """``table(condition)`` by ``index_select``: the same rows, but its backward is a row-wise
+    ``index_add_`` where advanced indexing's is a generic accumulating ``index_put_``, several
+    times slower for a minibatch of rows."""
+    return table.weight().index_select(0, condition)
 
 
 @dataclass
@@ -160,12 +173,12 @@ class CVAE(nn.Module):
     def encode(self, condition: torch.Tensor, *, x_in: torch.Tensor | None = None,
                projection: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         pre = self.encoder_projection(x_in) if projection is None else projection
-        h = self.enc_rest(self.enc_post(pre + self.enc_cond(condition)))
+        h = self.enc_rest(self.enc_post(pre + _rows(self.enc_cond, condition)))
         return self.mu(h), self.logvar(h).clamp(-15.0, 15.0)
 
     def decode_hidden(self, z: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(first decoder layer output, last hidden layer output)."""
-        first = self.dec_post(self.dec_in(z) + self.dec_cond(condition))
+        first = self.dec_post(self.dec_in(z) + _rows(self.dec_cond, condition))
         return first, self.dec_rest(first)
 
     def mse_terms(self, target: torch.Tensor) -> MSETerms:
@@ -205,10 +218,14 @@ class CVAE(nn.Module):
                 assert target is not None
                 recon = (target - self.out(hidden)).pow(2).mean()
         else:
-            assert target is not None and library is not None
-            scale = F.softmax(self.out(hidden), dim=-1)
-            rate = library.unsqueeze(-1) * scale
-            recon = -nb_log_likelihood(target, rate, self.dispersion(condition), nonzeros=nonzeros) / target.shape[0]
+            assert library is not None and (target is not None or nonzeros is not None)
+            logits = self.out(hidden)
+            if nonzeros is not None:
+                ll = nb_log_likelihood_logits(logits, library, self.dispersion.weight(), condition, nonzeros)
+            else:
+                rate = library.unsqueeze(-1) * F.softmax(logits, dim=-1)
+                ll = nb_log_likelihood(target, rate, _rows(self.dispersion, condition))
+            recon = -ll / logits.shape[0]
         kl = kl_normal(mu, logvar).mean()
         mmd = mmd_between_conditions(first, condition) if c.mmd_weight > 0 else recon.new_zeros(())
         total = c.recon_weight * recon + kl_weight * kl + c.mmd_weight * mmd
