@@ -5,10 +5,10 @@ version 2 gets its A549 cells labelled A549, where on version 1 they were Unknow
 directory, real keys, signed bundles, the library entry points the CLI calls (Atlas.build /
 merge / export_model, client.map_local); about 30 s on 2 cores.
 
-Known types: NOT unchanged as issue 9 asks. Measured (trVAE, seed 0): 0.980 on version 1,
-0.954 on version 2 (151 known cells; 7 called Unknown instead of 3): with A549 known, the
-query's median novelty score drops and the query-shift guard divides by less
-(docs/LABELS.md, "Growth"). The test pins that figure so it does not get worse."""
+Known types unchanged (within 0.01): the query-shift guard reads the score against the
+reference's own labels, so site 2's many A549 cells, now scored low against the site-added
+A549, do not lower it (docs/LABELS.md, "Growth"). ``grow(tmp, seed, kind)`` and ``scores`` are
+what the seed sweep in docs/LABELS.md ran."""
 
 from __future__ import annotations
 
@@ -18,24 +18,23 @@ import pytest
 from conftest import shared_data
 
 
-@pytest.fixture(scope="module")
-def grown(tmp_path_factory):
+def grow(tmp, seed: int = 0, kind: str = "trvae") -> dict:
+    """Version 1, site 1's shared labels merged into version 2, site 2 mapped onto both."""
     from fedarches.client import map_local
     from fedarches.config import MapSettings
     from fedarches.data.splits import CELLBENCH
     from fedarches.format.signing import keygen
     from fedarches.server import Atlas
 
-    tmp = tmp_path_factory.mktemp("growth")
     ref, query = CELLBENCH.load(shared_data(CELLBENCH.file))
     study = query.obs["study"].astype(str).to_numpy()
     site1, site2 = query[study == "CELseq2_5cl_p2"].copy(), query[study == "CELseq2_5cl_p3"].copy()
     atlas = Atlas.init(tmp / "atlas", "cellbench")
-    atlas.build(ref, "study", "cell_type", kind="trvae", seed=0, threads=1, label_knowledge="summaries")
+    atlas.build(ref, "study", "cell_type", kind=kind, seed=seed, threads=1, label_knowledge="summaries")
     for name in ("site-1", "site-2"):
         atlas.enroll(name, keygen(tmp / name).public)
     atlas.export_model(1, tmp / "v1")
-    settings = MapSettings(seed=0, threads=1)
+    settings = MapSettings(seed=seed, threads=1)
     r1 = map_local(tmp / "v1", key=tmp / "site-1", site="site-1", data=site1, condition_key="study",
                    out_dir=tmp / "site-1-out", settings=settings.model_copy(update={"share_labels": "cell_type"}))
     merge = atlas.merge([r1.bundle_path])
@@ -46,6 +45,22 @@ def grown(tmp_path_factory):
                       out_dir=tmp / f"site-2-{v}", settings=settings)
         out[v] = ad.read_h5ad(r.query_path).obs
     return out
+
+
+def scores(grown: dict) -> dict[str, float]:
+    """Site 2's A549 called Unknown (v1) and A549 (v2), its known-type accuracy on both."""
+    truth = grown["truth"]
+    a549 = truth == "A549"
+    v1 = grown["v1"]["cell_type_pred"].astype(str).to_numpy()
+    v2 = grown["v2"]["cell_type_pred"].astype(str).to_numpy()
+    return {"a549_unknown_v1": float((v1[a549] == "Unknown").mean()), "a549_labelled_v2": float((v2[a549] == "A549").mean()),
+            "known_accuracy_v1": float((v1[~a549] == truth[~a549]).mean()),
+            "known_accuracy_v2": float((v2[~a549] == truth[~a549]).mean())}
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    return grow(tmp_path_factory.mktemp("growth"))
 
 
 def test_site_1_labels_merge_into_version_2(grown):
@@ -62,12 +77,10 @@ def test_site_1_labels_merge_into_version_2(grown):
 def test_site_2_gets_a549_on_version_2_and_keeps_known_types(grown):
     truth = grown["truth"]
     a549 = truth == "A549"
-    v1 = grown["v1"]["cell_type_pred"].astype(str).to_numpy()
-    v2 = grown["v2"]["cell_type_pred"].astype(str).to_numpy()
     assert a549.sum() >= 20
-    assert (v1[a549] == "Unknown").mean() >= 0.9, (v1[a549] == "Unknown").mean()
-    assert (v2[a549] == "A549").mean() >= 0.9, (v2[a549] == "A549").mean()
-    acc1, acc2 = (v1[~a549] == truth[~a549]).mean(), (v2[~a549] == truth[~a549]).mean()
-    assert acc1 >= 0.97 and acc2 >= 0.95 and acc1 - acc2 <= 0.03, (acc1, acc2)  # see the module doc
+    s = scores(grown)
+    assert s["a549_unknown_v1"] >= 0.9 and s["a549_labelled_v2"] >= 0.9, s
+    assert s["known_accuracy_v1"] >= 0.97 and s["known_accuracy_v2"] >= s["known_accuracy_v1"] - 0.01, s
+    v2 = grown["v2"]["cell_type_pred"].astype(str).to_numpy()
     errors = (v2 != truth) & ~a549
     assert (v2[errors] == "Unknown").all()  # known cells are never called another known type or A549

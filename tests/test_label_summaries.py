@@ -144,3 +144,46 @@ def test_merged_summaries_grow_by_label_name_and_label_the_new_type(fitted):
     assert s.merged(site).state().keys() == grown.state().keys()
     with pytest.raises(LabelStateError):
         s.merged(ClassSummaries.fit(q[:, :3], q_labels))
+
+
+def _direct_scores(s, q):
+    """The distance score, class Gaussian score and generative posterior in their direct form:
+    one Gaussian at a time, per-label log-sum-exp (what the one-product scorer must equal)."""
+    from scipy.special import logsumexp
+
+    c = s.components
+    q = np.asarray(q, dtype=np.float64)
+    d = np.stack([np.sqrt(np.square((q - c.means[i]) @ c.whiten[i]).sum(1)) for i in range(c.n)], axis=1)
+    labels = np.unique(c.label)
+    per = np.stack([d[:, c.label == y].min(1) / s.thresholds.label_thresholds[y] for y in labels], axis=1)
+    dens = -0.5 * d ** 2 - 0.5 * c.log_det + np.log(c.count)
+    lp = np.full((len(q), len(s.label_categories)), -np.inf)
+    for y in labels:
+        lp[:, y] = logsumexp(dens[:, c.label == y], axis=1)
+    return per.min(1), s.gaussian.score(q), np.exp(lp - logsumexp(lp, axis=1, keepdims=True))
+
+
+def test_one_product_scorer_equals_the_direct_form(fitted):
+    from fedarches.labels.summaries import _Scorer
+
+    s, z, labels, q, _ = fitted
+    far = q * 3.0 + 5.0  # cells far from every component: large terms, tiny densities
+    site = ClassSummaries.fit(q[-60:], np.array(["new"] * 60))
+    for summ in (s, s.merged(site)):
+        for cells in (q, far):
+            dist, gauss, guard, post = _Scorer.of(summ).chunk(cells, True)
+            d0, g0, p0 = _direct_scores(summ, cells)
+            if summ is s:
+                assert guard is None  # no label added by a site: the guard reads the raw score
+            else:  # the guard reads the score against the reference's own labels (and their components)
+                own = summ.restricted(s.label_categories)
+                np.testing.assert_allclose(guard, np.maximum(*_direct_scores(own, cells)[:2]), rtol=1e-9)
+                assert (guard >= np.maximum(d0, g0) - 1e-12).all() and own.n_components == s.n_components
+            np.testing.assert_allclose(dist, d0, rtol=1e-9)
+            np.testing.assert_allclose(gauss, g0, rtol=1e-9)
+            np.testing.assert_allclose(post, p0, rtol=1e-9, atol=1e-12)
+        res = summ.predict(q, return_probabilities=True, adapt_to_query=False)
+        d0, g0, p0 = _direct_scores(summ, q)
+        np.testing.assert_allclose(res.distance_score, d0, rtol=1e-6)
+        np.testing.assert_allclose(res.gaussian_score, g0, rtol=1e-6)
+        np.testing.assert_allclose(res.probabilities, p0, rtol=1e-5, atol=1e-7)

@@ -12,6 +12,12 @@
 5. prints the lineage, per-site label-transfer accuracy and unknown-cell detection
    (as the sites reported them), and writes a UMAP picture of atlas + sites.
 
+The atlas carries its label knowledge as class summaries, and the last site shares
+its labels (``share-labels``): in round 1 its summaries, the held-out type included,
+are merged into the next version, so another site mapping onto that version in round 2
+gets the held-out type labelled where round 1 called it unknown. The last table shows it,
+per site and atlas version (the held-out cells labelled as that type, called unknown).
+
 The demo plays every role. For the picture it reads the site cells' latent codes
 from the sites' own result directories; a real coordinator never has them (it
 holds its reference latent and what sites report), and the output says so.
@@ -155,6 +161,53 @@ def print_results(report: dict[str, Any], atlas_dir: Path, holdout: str | None) 
     print_run_report(report, holdout)
 
 
+def growth_rows(results: dict[str, Path], lkey: str, holdout: str) -> list[dict[str, Any]]:
+    """Per site and atlas version it mapped onto (``map-v<N>/`` of its results): its cells of the
+    held-out type labelled as that type and called unknown, and the labels it shared. Read from
+    the sites' own result directories: the demo plays every role (a coordinator never has them)."""
+    import anndata as ad
+
+    from fedarches.labels.transfer import UNKNOWN
+
+    rows = []
+    for site, rdir in results.items():
+        for d in sorted(rdir.glob("map-v*"), key=lambda p: int(p.name[len("map-v"):] or 0)):
+            if not (d / "query.h5ad").is_file():
+                continue
+            obs = ad.read_h5ad(d / "query.h5ad", backed="r").obs
+            truth, pred = obs[lkey].astype(str).to_numpy(), obs[f"{lkey}_pred"].astype(str).to_numpy()
+            held = truth == holdout
+            report = json.loads((d / "report.json").read_text()) if (d / "report.json").is_file() else {}
+            shared = (report.get("labels") or {}).get("shared") or {}
+            rows.append({"site": site, "version": int(d.name[len("map-v"):]), "cells": int(held.sum()),
+                         "labelled": float((pred[held] == holdout).mean()) if held.any() else None,
+                         "unknown": float((pred[held] == UNKNOWN).mean()) if held.any() else None,
+                         "shared": ", ".join(f"{k} ({v})" for k, v in sorted(shared.items()))})
+    return sorted(rows, key=lambda r: (r["version"], r["site"]))
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def print_growth(rows: list[dict[str, Any]], holdout: str) -> None:
+    """The held-out type across versions: unknown on version 1, labelled once a site shared it."""
+    from rich.table import Table
+
+    from fedarches.cli.atlas import console
+
+    out = console()
+    out.rule(f"the atlas learns {holdout!r} (read from the sites' result directories)")
+    table = Table(caption="labels shared: the site's class summaries (label, cells) merged into the next version")
+    for col, just in (("atlas version", "right"), ("site", "left"), (f"{holdout} cells", "right"),
+                      (f"-> {holdout}", "right"), ("-> unknown", "right"), ("labels shared", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(f"v{r['version']}", r["site"], str(r["cells"]), _pct(r["labelled"]), _pct(r["unknown"]),
+                      r["shared"] or "-")
+    out.print(table)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -173,7 +226,7 @@ def _prepare_out(path: Path) -> Path:
 
 
 def _enroll_sites(args: argparse.Namespace, atlas: Any, site_studies: dict[str, list[Any]], ckey: str,
-                  out: Path, console: Any) -> list[Any]:
+                  lkey: str, out: Path, console: Any) -> list[Any]:
     """Each site: its data file, its key (enrolled at the coordinator), its pinned root, its node config."""
     import anndata as ad
 
@@ -182,6 +235,9 @@ def _enroll_sites(args: argparse.Namespace, atlas: Any, site_studies: dict[str, 
     from fedarches.mapping import write_h5ad
 
     sites: list[SiteConfig] = []
+    # the last site shares its labels (class summaries) in round 1: with generated data it holds one
+    # study, so the others still map a new study onto the grown version in round 2
+    sharing = list(site_studies)[-1]
     for name, studies in site_studies.items():
         sdir = out / "sites" / name
         data = ad.concat(studies, merge="same") if len(studies) > 1 else studies[0]
@@ -192,11 +248,12 @@ def _enroll_sites(args: argparse.Namespace, atlas: Any, site_studies: dict[str, 
         key = keygen(sdir / "keys")
         atlas.enroll(name, key.public)
         shutil.copy(atlas.root_json, sdir / "root.json")  # handed over out of band
+        share = lkey if name == sharing else None
         sites.append(SiteConfig(site=name, data=sdir / "data.h5ad", condition_key=ckey, key_dir=sdir / "keys",
                                 out_dir=sdir / "results", trust_root=sdir / "root.json",
-                                epochs=args.site_epochs, conditions_per_round=1))
+                                epochs=args.site_epochs, conditions_per_round=1, share_labels=share))
         console.print(f"[bold]{name}[/]: {data.n_obs} cells, studies {', '.join(ordered_conditions(data.obs[ckey]))}; "
-                      "key enrolled")
+                      "key enrolled" + (f"; shares its labels ({share!r})" if share else ""))
     return sites
 
 
@@ -288,11 +345,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     atlas = Atlas.init(out / "atlas", "fedarches-demo")
     console.print(f"[bold]coordinator[/]: training the reference ({args.model}) ...")
     v1 = atlas.build(out / "data" / "reference.h5ad", ckey, lkey, kind=args.model, epochs=args.epochs,
-                     n_genes=args.n_genes, seed=args.seed, threads=1, progress=sys.stdout.isatty())
+                     n_genes=args.n_genes, seed=args.seed, threads=1, progress=sys.stdout.isatty(),
+                     label_knowledge="summaries")
     console.print(f"[bold]coordinator[/]: published version {v1.number} ({v1.id[:12]}...), trust root {atlas.root_json}")
     timings["reference"] = time.perf_counter() - t
 
-    sites = _enroll_sites(args, atlas, site_studies, ckey, out, console)  # 3. sites
+    sites = _enroll_sites(args, atlas, site_studies, ckey, lkey, out, console)  # 3. sites
     t = time.perf_counter()  # 4. Flower rounds
     result, report_path = _run_flower(args, atlas, sites, out, console)
     timings["flower"] = time.perf_counter() - t
@@ -304,6 +362,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       f"{report.get('error', '')}[/]")
 
     print_results(report, atlas.path, holdout)  # 5. results
+    if holdout:
+        print_growth(growth_rows({s.site: s.results_dir for s in sites}, lkey, holdout), holdout)
     if not args.no_plot:
         t = time.perf_counter()
         _draw(args, atlas, sites, lkey, out, console)

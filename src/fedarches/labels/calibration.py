@@ -21,13 +21,14 @@ from fedarches.neighbours import label_strings, stratified_sample
 
 __all__ = [
     "KIND_EMPTY", "KIND_GLOBAL", "KIND_OWN_QUANTILE", "KIND_SCALED", "MIN_LABEL_CELLS", "MIN_SCALE_CELLS",
-    "MODE_CROSS_STUDY", "MODE_LEAVE_ONE_OUT", "Thresholds", "batch_groups", "calibration_sample",
+    "MODE_CROSS_STUDY", "MODE_LEAVE_ONE_OUT", "MODE_SITE", "Thresholds", "batch_groups", "calibration_sample",
     "calibration_statistics", "label_thresholds",
 ]
 
 # How each label was calibrated, stored in the state so a reader can tell.
 MODE_CROSS_STUDY = 0  # the label's cells, distances to other studies only
 MODE_LEAVE_ONE_OUT = 1  # the label's cells, distances to the whole reference minus the cell
+MODE_SITE = 2  # a label a site added by merge (label summaries): calibrated on that site's cells
 KIND_OWN_QUANTILE = 0  # >= min_label_cells calibration cells: their own (1 - fpr) quantile
 KIND_SCALED = 1  # fewer: the label's median statistic x the pooled quantile of stat / label median
 KIND_GLOBAL = 2  # fewer than MIN_SCALE_CELLS: the quantile over all calibration cells

@@ -18,8 +18,8 @@ from scipy.special import logsumexp
 from sklearn.cluster import KMeans
 from sklearn.covariance import OAS
 
-__all__ = ["STATISTICS", "Components", "component_distance", "fit_components", "gaussians", "label_parts", "label_statistic",
-           "log_density", "mahalanobis"]
+__all__ = ["STATISTICS", "Components", "QuadraticForms", "component_distance", "fit_components", "gaussians",
+           "label_parts", "label_statistic", "log_density", "mahalanobis"]
 
 #: How the distance novelty statistic reads the components (a code is stored in the state).
 STATISTICS = ("mahalanobis", "euclidean", "density")
@@ -121,24 +121,60 @@ def fit_components(z: np.ndarray, label: int, *, k_min: int, cells_per_component
     return gaussians([z[parts == c] for c in range(n_parts)], [label] * n_parts)
 
 
-def mahalanobis(z: np.ndarray, comps: Components) -> np.ndarray:
-    """[n, C] Mahalanobis distance of each cell to each component.
+@dataclass(frozen=True)
+class QuadraticForms:
+    """Squared Mahalanobis distances of cells to many Gaussians as ONE matrix product.
 
-    As one matrix product over all components (``z'Pz - 2 m'Pz + m'Pm`` with the precision
-    ``P``, on coordinates centred on the components' mean, so the terms stay small): about
-    ten times faster than a loop over components at 200 components.
+    Why: label transfer from summaries measures every query cell against every
+    component (hundreds) and every class Gaussian; a loop over Gaussians, or a product
+    over all ``d^2`` entries of each precision, reads the cells once per Gaussian. Here
+    ``(z - m)' P (z - m) = sum_{i<=j} w_ij P_ij z_i z_j - 2 (P m)' z + m' P m`` on
+    coordinates centred on the Gaussians' mean (so the terms stay small and the float64
+    result matches the direct form to rounding): one product of the ``d(d+1)/2 + d``
+    features of each cell with a fixed matrix.
     """
-    z = np.asarray(z, dtype=np.float64)
-    if comps.n == 0 or len(z) == 0:
-        return np.zeros((len(z), comps.n), dtype=np.float64)
-    centre = comps.means.mean(axis=0)
-    zc, mu = z - centre, comps.means - centre
-    d = z.shape[1]
-    precision = comps.whiten @ np.swapaxes(comps.whiten, 1, 2)  # [C, d, d]
-    pm = np.einsum("cij,cj->ci", precision, mu)
-    quad = (zc[:, :, None] * zc[:, None, :]).reshape(len(z), d * d) @ precision.reshape(comps.n, d * d).T
-    sq = quad - 2.0 * zc @ pm.T + np.einsum("ci,ci->c", mu, pm)[None, :]
-    return np.sqrt(np.maximum(sq, 0.0))
+
+    centre: np.ndarray  # [d]
+    weights: np.ndarray  # [d (d + 1) / 2 + d, C]
+    offset: np.ndarray  # [C]
+
+    @classmethod
+    def of(cls, means: np.ndarray, whiten: np.ndarray) -> QuadraticForms:
+        """From means [C, d] and Cholesky factors of the precisions [C, d, d]."""
+        means, whiten = np.asarray(means, dtype=np.float64), np.asarray(whiten, dtype=np.float64)
+        d = means.shape[1]
+        centre = means.mean(axis=0) if len(means) else np.zeros(d)
+        mu = means - centre
+        precision = whiten @ np.swapaxes(whiten, 1, 2)  # [C, d, d]
+        pm = np.einsum("cij,cj->ci", precision, mu)
+        iu, ju = np.triu_indices(d)
+        pairs = precision[:, iu, ju] * np.where(iu == ju, 1.0, 2.0)[None, :]
+        weights = np.ascontiguousarray(np.concatenate([pairs, -2.0 * pm], axis=1).T)
+        return cls(centre=centre, weights=weights, offset=np.einsum("ci,ci->c", mu, pm))
+
+    @property
+    def n(self) -> int:
+        return int(self.offset.shape[0])
+
+    def squared(self, z: np.ndarray) -> np.ndarray:
+        """[n, C] squared Mahalanobis distances (never below 0)."""
+        z = np.asarray(z, dtype=np.float64)
+        if self.n == 0 or len(z) == 0:
+            return np.zeros((len(z), self.n), dtype=np.float64)
+        d = z.shape[1]
+        iu, ju = np.triu_indices(d)
+        zc = z - self.centre
+        feats = np.empty((len(z), iu.size + d), dtype=np.float64)
+        np.multiply(zc[:, iu], zc[:, ju], out=feats[:, :iu.size])
+        feats[:, iu.size:] = zc
+        sq = feats @ self.weights
+        sq += self.offset[None, :]
+        return np.maximum(sq, 0.0, out=sq)
+
+
+def mahalanobis(z: np.ndarray, comps: Components) -> np.ndarray:
+    """[n, C] Mahalanobis distance of each cell to each component (:class:`QuadraticForms`)."""
+    return np.sqrt(QuadraticForms.of(comps.means, comps.whiten).squared(z))
 
 
 def euclidean(z: np.ndarray, comps: Components) -> np.ndarray:

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.special import logsumexp
 
 from fedarches.config import K_MIN
 from fedarches.errors import LabelStateError, LatentError, SettingError
@@ -33,6 +32,7 @@ from fedarches.labels.calibration import (
     MIN_LABEL_CELLS,
     MODE_CROSS_STUDY,
     MODE_LEAVE_ONE_OUT,
+    MODE_SITE,
     KIND_GLOBAL,
     Thresholds,
     batch_groups,
@@ -45,14 +45,15 @@ from fedarches.labels.components import (
     fit_components,
     gaussians,
     label_parts,
+    QuadraticForms,
     label_statistic,
-    log_density,
     mahalanobis,
 )
 from fedarches.labels.novelty import ClassGaussianNovelty
 from fedarches.labels.query_shift import neighbourhood_median, shift_factors, study_groups
 from fedarches.labels.transfer import UNKNOWN, LabelTransferResult
 from fedarches.neighbours import as_latent, encode_labels, resolve_workers
+from fedarches.threads import active_threads
 
 __all__ = ["K_MIN", "ClassSummaries", "SummaryOptions", "state_bytes_bound"]
 
@@ -63,7 +64,11 @@ _COMPONENT_FIELDS = ("label", "count", "means", "whiten", "log_det")
 _PER_LABEL = ("label_thresholds", "label_calibration_mode", "label_threshold_kind", "calibration_counts")
 #: "cross-study": components refitted without each study, its cells measured against them (as the
 #: per-cell path calibrates); measured blind to CellBench's A549 (docs/LABELS.md), so not the default.
-CALIBRATIONS = ("in-sample", "cross-study")
+#: "cross-validated": each label's cells in FOLDS folds, a fold measured against components fitted
+#: on the label's other folds (what a new cell of the type faces; novelty.py does the same for the
+#: class Gaussians).
+CALIBRATIONS = ("in-sample", "cross-study", "cross-validated")
+FOLDS = 5
 #: A label with fewer than k_min cells. "pad": with at least k_min / 2 cells it gets one
 #: component of its cells plus the nearest cells of other labels up to k_min (a majority of its
 #: own); smaller ones are "absorb"ed: their cells join the nearest component's geometry, so
@@ -136,6 +141,8 @@ def _calibration(latent: np.ndarray, codes: np.ndarray, batches: object | None, 
                                                                    for f in _COMPONENT_FIELDS)), opts.statistic)
     stats = loo.copy()
     mode = np.full(n_labels, MODE_LEAVE_ONE_OUT, dtype=np.int64)
+    if opts.calibration == "cross-validated":
+        return _cross_validated(latent, codes, cal, published, n_labels, opts, seed, stats), loo, mode
     if batches is None:
         return stats, loo, mode
     groups = batch_groups(batches, latent.shape[0], max_groups)
@@ -153,6 +160,27 @@ def _calibration(latent: np.ndarray, codes: np.ndarray, batches: object | None, 
             if members.size and comps.n:
                 stats[members] = _own_statistic(latent[cal[members]], comps, opts.statistic)
     return stats, loo, mode
+
+
+def _cross_validated(latent: np.ndarray, codes: np.ndarray, cal: np.ndarray, published: Components,
+                     n_labels: int, opts: SummaryOptions, seed: int, stats: np.ndarray) -> np.ndarray:
+    """Each calibration cell's statistic against its label's components fitted without its fold
+    (labels with fewer than ``2 k_min`` cells, padded or single-component, keep ``stats``)."""
+    rng = np.random.default_rng(seed)
+    cal_codes = codes[cal]
+    for y in range(n_labels):
+        rows = np.flatnonzero(codes == y)
+        if rows.size < 2 * opts.k_min or not (published.label == y).any():
+            continue
+        fold = rng.permutation(rows.size) % FOLDS
+        at = np.flatnonzero(cal_codes == y)
+        cal_fold = fold[np.searchsorted(rows, cal[at])]
+        for k in range(FOLDS):
+            members = at[cal_fold == k]
+            comps = _fit_label(latent[rows[fold != k]], y, opts, seed)
+            if members.size and comps.n:
+                stats[members] = _own_statistic(latent[cal[members]], comps, opts.statistic)
+    return stats
 
 
 @dataclass
@@ -175,7 +203,7 @@ class ClassSummaries:
     fpr: float = 0.01
     uncertainty_threshold: float = 0.5
     reference_median_score: float = float("nan")
-    workers: int = 1
+    workers: int = -1  # threads of the query-neighbour search; -1 all cores (a thread_limits block wins)
 
     @property
     def n_dims(self) -> int:
@@ -191,7 +219,7 @@ class ClassSummaries:
             label_categories: Sequence[str] | None = None, options: SummaryOptions | None = None,
             fpr: float = 0.01, uncertainty_threshold: float = 0.5, min_label_cells: int = MIN_LABEL_CELLS,
             max_calibration_cells: int = 100_000, max_groups: int = 10, seed: int = 0,
-            workers: int = 1) -> ClassSummaries:
+            workers: int = -1) -> ClassSummaries:
         """Summarise the reference: components per label (cells of labels below ``k_min`` join their
         nearest component), per-label thresholds at ``fpr`` and the reference median score."""
         opts = options or SummaryOptions()
@@ -237,30 +265,24 @@ class ClassSummaries:
         clf = None if classifier_probabilities is None else self._check_probabilities(classifier_probabilities, n)
         # the generative rule is needed for labels the classifier lacks, or when asked for
         need_gen = clf is None or clf.shape[1] < n_labels or return_probabilities
-        gen = np.zeros((n, n_labels), dtype=np.float64)
-        dist = np.empty(n, dtype=np.float64)
-        present = np.unique(self.components.label)
-        thr = np.maximum(self.thresholds.label_thresholds[present], np.finfo(np.float64).tiny)
+        scorer = _Scorer.of(self)
+        gen = np.zeros((n, n_labels), dtype=np.float64) if need_gen else None
+        dist, gauss = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
+        guard = np.empty(n, dtype=np.float64) if scorer.guard is not None else None
         for start in range(0, n, CHUNK):
-            zc = q[start:start + CHUNK]
-            maha = mahalanobis(zc, self.components)
-            stat = label_statistic(zc, self.components, present, self.options.statistic, maha)
-            dist[start:start + CHUNK] = (stat / thr[None, :]).min(axis=1) if stat.shape[1] else np.inf
-            if need_gen:
-                gen[start:start + CHUNK] = self._posterior(maha)
+            rows = slice(start, start + CHUNK)
+            dist[rows], gauss[rows], guard_rows, posterior = scorer.chunk(q[rows], need_gen)
+            if guard is not None:
+                guard[rows] = guard_rows
+            if gen is not None:
+                gen[rows] = posterior
+        if gen is None:
+            gen = np.zeros((n, 0), dtype=np.float64)
         lp = gen if clf is None else self._combine(clf, gen)
         code = lp.argmax(axis=1).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
         unc = np.clip(1.0 - lp[np.arange(n), code], 0.0, 1.0).astype(np.float32)
-        return self._result(q, code, unc, dist, gen.astype(np.float32) if return_probabilities else None,
-                            query_batches, adapt_to_query)
-
-    def _posterior(self, maha: np.ndarray) -> np.ndarray:
-        """p(label | z) from count-weighted component densities; labels without components get 0."""
-        dens = log_density(maha, self.components)
-        per_label = np.full((maha.shape[0], len(self.label_categories)), -np.inf)
-        for y in np.unique(self.components.label):
-            per_label[:, y] = logsumexp(dens[:, self.components.label == y], axis=1)
-        return np.exp(per_label - logsumexp(per_label, axis=1, keepdims=True))
+        probs = gen.astype(np.float32) if return_probabilities else None
+        return self._result(q, code, unc, dist, gauss, guard, probs, query_batches, adapt_to_query)
 
     @staticmethod
     def _combine(classifier: np.ndarray, gen: np.ndarray) -> np.ndarray:
@@ -279,15 +301,21 @@ class ClassSummaries:
                               f"{bool(np.isfinite(lp).all())}) for {n} cells and {len(self.label_categories)} labels")
         return lp
 
+    def _workers(self) -> int:
+        """The count of an active ``fedarches.threads.thread_limits`` block, else ``workers`` (as the
+        per-cell path's neighbour search, ``threads.policy_workers``)."""
+        return active_threads() or resolve_workers(self.workers)
+
     def _result(self, q: np.ndarray, code: np.ndarray, unc: np.ndarray, distance_score: np.ndarray,
-                probs: np.ndarray | None, batches: np.ndarray | None, adapt: bool) -> LabelTransferResult:
+                gaussian_score: np.ndarray, guard_score: np.ndarray | None, probs: np.ndarray | None,
+                batches: np.ndarray | None, adapt: bool) -> LabelTransferResult:
         n = q.shape[0]
-        gaussian_score = self.gaussian.score(q)
         raw = np.maximum(distance_score, gaussian_score)
         if adapt and n:
             groups = study_groups(batches, n)
-            shift = shift_factors(raw, groups, self.reference_median_score)
-            score = np.maximum(raw / shift, neighbourhood_median(q, raw / shift, groups, workers=self.workers))
+            shift = shift_factors(raw if guard_score is None else guard_score, groups, self.reference_median_score)
+            score = np.maximum(raw / shift, neighbourhood_median(q, raw / shift, groups,
+                                                                  workers=self._workers()))
         else:
             shift, score = np.ones(n, dtype=np.float64), raw
         is_novel = score > 1.0
@@ -320,6 +348,7 @@ class ClassSummaries:
         t, a = self.thresholds, added.thresholds
         thresholds = Thresholds(**{f: np.concatenate([getattr(t, f), getattr(a, f)[src]]) for f in _PER_LABEL},
                                 global_threshold=t.global_threshold, pooled_ratio_quantile=t.pooled_ratio_quantile)
+        thresholds.label_calibration_mode[len(self.label_categories):] = MODE_SITE
         gaussian = ClassGaussianNovelty.from_state({k: np.concatenate([v, added.gaussian.state()[k][src]])
                                                     if k != "fpr" else v for k, v in self.gaussian.state().items()})
         return replace(self, label_categories=cats, components=comps, thresholds=thresholds, gaussian=gaussian)
@@ -364,7 +393,7 @@ class ClassSummaries:
 
     @classmethod
     def from_state(cls, state: Mapping[str, np.ndarray], label_categories: Sequence[str], *,
-                   workers: int = 1) -> ClassSummaries:
+                   workers: int = -1) -> ClassSummaries:
         """Rebuild from :meth:`state`; refuses a state that is incomplete, of another format, whose
         arrays do not match the label count, or with a component below its ``k_min``."""
         st = {k: np.asarray(v) for k, v in state.items()}
@@ -408,6 +437,87 @@ class ClassSummaries:
             problems.append(f"per-label arrays do not match {n_labels} labels")
         if problems:
             raise LabelStateError("label summaries check failed: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """What :meth:`ClassSummaries.predict` computes per chunk of query cells, prepared once.
+
+    Why one object: the components and the class Gaussians are all Gaussians, so ONE
+    :class:`QuadraticForms` product per chunk gives every squared distance the call
+    needs: the distance score (``min`` over components of distance / the threshold of the
+    component's label, the same as the nearest component per label over its threshold,
+    then the smallest label), the class Gaussian score (as
+    :meth:`ClassGaussianNovelty.score`) and the generative posterior (count-weighted
+    densities summed per label by a product with the components' one-hot label matrix,
+    relative to the cell's largest term, so what underflows is below 1e-300 of the total).
+
+    The query-shift guard compares the query's median score with the reference's median,
+    so it reads the score against the labels that median was measured on: without the
+    labels sites added by merge (``MODE_SITE``), whose calibration comes from a site's own
+    cells. Otherwise a query holding many cells of a site-added type (scored low against
+    it now) would lower the guard and the known types would pay with false alarms.
+    """
+
+    forms: QuadraticForms  # the components, then the fitted class Gaussians
+    n_components: int
+    component_scale: np.ndarray  # [C] 1 / threshold^2 of each component's label
+    gaussian_scale: np.ndarray  # [G] 1 / threshold^2 of each fitted class Gaussian
+    log_weight: np.ndarray  # [C] log count - log det / 2 (the 2 pi term cancels in the posterior)
+    onehot: np.ndarray  # [C, L]
+    summaries: ClassSummaries  # for the statistics other than "mahalanobis"
+    guard: tuple[np.ndarray, np.ndarray] | None  # columns of the guard's Gaussians: components, class Gaussians
+
+    @classmethod
+    def of(cls, s: ClassSummaries) -> _Scorer:
+        c, g = s.components, s.gaussian
+        fitted = np.flatnonzero(g.fitted)
+        floor = 1e-150  # a threshold of 0 stays a division by a tiny number, as in the direct form
+        onehot = np.zeros((c.n, len(s.label_categories)), dtype=np.float64)
+        onehot[np.arange(c.n), c.label] = 1.0
+        forms = QuadraticForms.of(np.concatenate([c.means, g.means[fitted]]),
+                                  np.concatenate([c.whiten, g.whiten[fitted]]))
+        site = s.thresholds.label_calibration_mode == MODE_SITE
+        guard = None
+        if site.any() and s.options.statistic == "mahalanobis":
+            guard = (np.flatnonzero(~site[c.label]), np.flatnonzero(~site[fitted]))
+        return cls(forms=forms, n_components=c.n,
+                   component_scale=1.0 / np.maximum(s.thresholds.label_thresholds[c.label], floor) ** 2,
+                   gaussian_scale=1.0 / np.maximum(g.thresholds[fitted], floor) ** 2,
+                   log_weight=np.log(np.maximum(c.count, 1)) - 0.5 * c.log_det, onehot=onehot, summaries=s,
+                   guard=guard)
+
+    def chunk(self, z: np.ndarray, posterior: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                              np.ndarray | None]:
+        """Distance score, class Gaussian score, the guard's score (None: the raw score) and (if
+        asked) p(label | z) of the cells ``z``."""
+        sq = self.forms.squared(z)
+        comp, gauss = sq[:, :self.n_components], sq[:, self.n_components:]
+        comp_ratio, gauss_ratio = comp * self.component_scale, gauss * self.gaussian_scale
+        g = np.sqrt(gauss_ratio.min(axis=1)) if gauss.shape[1] else np.full(len(z), np.inf)
+        guard = None
+        if self.guard is not None:
+            guard = np.sqrt(np.maximum(_row_min(comp_ratio[:, self.guard[0]]), _row_min(gauss_ratio[:, self.guard[1]])))
+        s = self.summaries
+        if s.options.statistic == "mahalanobis":
+            dist = np.sqrt(comp_ratio.min(axis=1))
+        else:
+            present = np.unique(s.components.label)
+            stat = label_statistic(z, s.components, present, s.options.statistic, np.sqrt(comp))
+            dist = (stat / np.maximum(s.thresholds.label_thresholds[present], np.finfo(np.float64).tiny)).min(axis=1)
+        if not posterior:
+            return dist, g, guard, None
+        dens = comp * -0.5
+        dens += self.log_weight
+        dens -= dens.max(axis=1, keepdims=True)
+        np.exp(dens, out=dens)
+        per_label = dens @ self.onehot
+        per_label /= per_label.sum(axis=1, keepdims=True)
+        return dist, g, guard, per_label
+
+
+def _row_min(x: np.ndarray) -> np.ndarray:
+    return x.min(axis=1) if x.shape[1] else np.full(x.shape[0], np.inf)
 
 
 def _summarise(latent: np.ndarray, codes: np.ndarray, n_labels: int, opts: SummaryOptions,
