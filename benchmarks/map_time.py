@@ -61,6 +61,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--work", default=str(GEN / "fastmap-bench"))
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-full", action="store_true", help="skip the every-cell, whole-schedule fedarches run")
+    p.add_argument("--no-phases", action="store_true", help="skip the in-process run that splits the time by phase")
+    p.add_argument("--from-results", default=None, help="only write --markdown from this --results file")
     p.add_argument("--threads", type=int, default=None, help="--threads of fedarches map (default: its own)")
     p.add_argument("--results", default=None, help="append one JSON line per measurement here")
     p.add_argument("--markdown", default=None, help="write the table here (e.g. benchmarks/MAP_TIME.md)")
@@ -274,32 +276,36 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     rows: list[dict] = []
     phases: list[dict] = []
+    if a.from_results:
+        recs = [json.loads(line) for line in open(a.from_results)]
+        Path(a.markdown).write_text(markdown([r for r in recs if "phases" not in r], [r for r in recs if "phases" in r]))
+        return
     sink = open(a.results, "a") if a.results else None  # noqa: SIM115
+
+    def record(r: dict, **where: object) -> None:
+        r.update(where)
+        (phases if "phases" in where else rows).append(r)
+        print(r, flush=True)
+        if sink:
+            sink.write(json.dumps(r) + "\n")
+            sink.flush()
+
     for name in a.datasets.split(","):
         files = dataset_files(name, work)
         for seed in (int(s) for s in a.seeds.split(",")):
-            found: list[dict] = []
             for kind in a.models.split(","):
                 model = reference_dir(name, files, kind, seed, work, env)
                 variants = ["fast"] if a.no_full or name == "gen1m" else ["fast", "full"]
                 for variant in variants:
-                    found.append(fedarches_map(name, files, model, kind, seed, variant, work, env, a.threads))
-                    print(name, seed, found[-1], flush=True)
-                if seed == int(a.seeds.split(",")[0]):
-                    phases.append({"data": name, "model": kind, "load": load1(),
-                                   **fedarches_phases(files, model, seed, work)})
-                    print(name, phases[-1], flush=True)
+                    record(fedarches_map(name, files, model, kind, seed, variant, work, env, a.threads),
+                           data=name, seed=seed)
+                if seed == int(a.seeds.split(",")[0]) and not a.no_phases:
+                    record({"load": load1(), **fedarches_phases(files, model, seed, work)}, data=name, model=kind,
+                           phases=True)
             if not a.no_peers and name != "gen1m":
                 pf = peer_files(name, files, work)
                 for tool in ("scvi", "trvae"):
-                    found.append(peer_map(name, pf, tool, seed, work))
-                    print(name, seed, found[-1], flush=True)
-            for r in found:
-                r.update(data=name, seed=seed)
-                if sink:
-                    sink.write(json.dumps(r) + "\n")
-                    sink.flush()
-            rows += found
+                    record(peer_map(name, pf, tool, seed, work), data=name, seed=seed)
     if a.markdown:
         Path(a.markdown).write_text(markdown(rows, phases))
         print(f"wrote {a.markdown}")

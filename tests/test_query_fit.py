@@ -40,6 +40,13 @@ def test_bad_fit_settings_are_setting_errors(fit_cells, tol):
         check_fit_settings(fit_cells, tol)
 
 
+@pytest.mark.parametrize("lr", [0, -1e-3, float("nan"), True, "0.1"])
+def test_bad_learning_rates_are_setting_errors(lr):
+    with pytest.raises(SettingError, match="^setting check failed: learning rate"):
+        check_fit_settings(10, 1e-3, lr)
+    check_fit_settings(10, 1e-3, None)
+
+
 def test_map_query_refuses_bad_fit_settings_before_training(trvae_model, tiny_data):
     _, query = tiny_data
     with pytest.raises(SettingError):
@@ -86,7 +93,7 @@ def test_subsample_fit_keeps_surgery_exact(kind, trvae_model, nb_model, tiny_dat
 
 def test_convergence_rule_ends_the_schedule_early(trvae_model, tiny_data):
     _, query = tiny_data
-    res = trvae_model.map_query(query, "study", settings=MapSettings(epochs=300, converge_tol=0.05))
+    res = trvae_model.map_query(query, "study", settings=MapSettings(epochs=300, converge_tol=0.05, lr=1e-3))
     h = res.model.last_history
     assert h.converged and h.stopped_early and h.epochs < 300
     assert len(h.param_change) == h.epochs and all(c < 0.05 for c in h.param_change[-5:])
@@ -135,3 +142,4 @@ def test_large_outputs_are_written_sparse_without_gzip(tmp_path, tiny_data, monk
             assert f["X/data"].compression == codec
         back = ad.read_h5ad(path)
         assert (back.X != q.X).nnz == 0
+

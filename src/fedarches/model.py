@@ -347,7 +347,7 @@ class FedArchesModel:
         copying them (for callers that drop the input, as ``fedarches map`` does).
         """
         settings = _map_settings(settings, legacy)
-        check_fit_settings(settings.fit_cells, settings.converge_tol)
+        check_fit_settings(settings.fit_cells, settings.converge_tol, settings.lr)
         strategy = settings.strategy
         key = condition_key or self.condition_key
         data, _ = _prepare(adata, self.config.kind, self.genes, key, layer, lazy=True)

@@ -30,8 +30,12 @@ __all__ = ["CONVERGE_PATIENCE", "DEFAULT_CONVERGE_TOL", "DEFAULT_FIT_CELLS", "Co
 
 
 
-def check_fit_settings(fit_cells: object, converge_tol: object) -> None:
-    """``fit_cells``: a non-negative integer; ``converge_tol``: a finite number >= 0 (0: off)."""
+def check_fit_settings(fit_cells: object, converge_tol: object, lr: object = None) -> None:
+    """``fit_cells``: a non-negative integer; ``converge_tol``: a finite number >= 0 (0: off);
+    ``lr``: None (the reference's) or a finite number > 0."""
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                           or lr <= 0):
+        raise SettingError(f"setting check failed: learning rate must be a finite number > 0, got {lr!r}")
     if isinstance(fit_cells, bool) or not isinstance(fit_cells, int) or fit_cells < 0:
         raise SettingError(f"setting check failed: fit cells must be an integer >= 0 (0 = every cell), "
                            f"got {fit_cells!r}")
