@@ -20,6 +20,12 @@ LabelKnowledge = Literal["summaries", "cells"]
 LABEL_KNOWLEDGE: tuple[str, ...] = ("summaries", "cells")
 DEFAULT_LABEL_KNOWLEDGE: LabelKnowledge = "cells"
 K_MIN = 20  # every published label component stands for at least this many cells
+#: Query mapping (``fedarches.query_fit``, measured in docs/SPEED.md): the new condition rows are
+#: fitted on at most this many cells per new condition (0 = every cell) ...
+DEFAULT_FIT_CELLS = 2000
+#: ... until they change by less than this (relative, per epoch) several epochs in a row (0 = off).
+DEFAULT_CONVERGE_TOL = 1e-3
+CONVERGE_PATIENCE = 5
 Strategy = Literal["conditions", "input-layers", "full"]
 STRATEGIES: tuple[str, ...] = ("conditions", "input-layers", "full")
 
@@ -117,6 +123,11 @@ class MapSettings(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     conditions_per_round: int = Field(default=0, ge=0)  # 0 = map every new condition
     progress: bool = False
+    # the new rows are fitted on at most fit_cells cells per new condition (0: every cell), then
+    # every cell is embedded; training stops once they move less than converge_tol (0: off)
+    fit_cells: int = DEFAULT_FIT_CELLS
+    converge_tol: float = DEFAULT_CONVERGE_TOL
+    lr: float | None = None  # learning rate of the query fit (None: the reference's)
     # obs column of the site's own labels: share their class summaries in the bundle (opt-in;
     # only onto a version whose label knowledge is summaries). None: share no label knowledge.
     share_labels: str | None = None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
+import numpy as np
 
 from fedarches.atomic import PRIVATE_FILE, check_replaceable_dir, fsync_dir, replace_dir, staged_dir, write_text
 from fedarches.config import MapSettings
@@ -54,11 +55,18 @@ def write_mapped(directory: Path, result: "MapResult") -> None:
     write_h5ad(result.adata, directory / QUERY_FILE)
 
 
+#: Stored matrix entries up to which an h5ad is written gzip-compressed. Above it gzip costs
+#: more than everything else in a map (about a minute per 300M entries on one core), so larger
+#: outputs are written uncompressed (docs/SPEED.md).
+GZIP_MAX_ENTRIES = 20_000_000
+
+
 def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
-    """An h5ad written next to ``path`` and renamed into place (anndata writes by name, not bytes)."""
+    """An h5ad written next to ``path`` and renamed into place (anndata writes by name, not bytes).
+    Sparse matrices stay sparse; gzip only for outputs up to ``GZIP_MAX_ENTRIES`` stored entries."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        adata.write_h5ad(tmp, compression="gzip")
+        adata.write_h5ad(tmp, compression="gzip" if _stored_entries(adata) <= GZIP_MAX_ENTRIES else None)
         os.chmod(tmp, PRIVATE_FILE)  # the site's cells: private whatever the umask
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -70,6 +78,12 @@ def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
     return path
 
 
+def _stored_entries(adata: ad.AnnData) -> int:
+    """Entries the matrices of ``adata`` store (nonzeros of sparse ones)."""
+    mats = [adata.X, *adata.layers.values()]
+    return int(sum(getattr(m, "nnz", None) or int(np.prod(m.shape)) for m in mats if m is not None))
+
+
 def map_to_directory(
     model: "FedArchesModel",
     adata: ad.AnnData,
@@ -78,10 +92,12 @@ def map_to_directory(
     settings: MapSettings = MapSettings(),
     *,
     layer: str | None = None,
+    copy_data: bool = True,
 ) -> MapOutputs:
-    """``fedarches map``: surgery + fine-tuning, then ``model/``, ``query.h5ad``, ``report.json`` in ``out_dir``."""
+    """``fedarches map``: surgery + fine-tuning, then ``model/``, ``query.h5ad``, ``report.json`` in ``out_dir``.
+    ``copy_data=False``: the written AnnData shares ``adata``'s matrices (the caller drops ``adata``)."""
     out = check_out_dir(out_dir)
-    result = model.map_query(adata, condition_key, settings=settings, layer=layer)
+    result = model.map_query(adata, condition_key, settings=settings, layer=layer, copy_data=copy_data)
     with staged_dir(out) as work:
         write_mapped(work, result)
         write_report(work, result.report.to_dict())

@@ -34,7 +34,6 @@ from fedarches.config import (
     TrainConfig,
 )
 from fedarches.data.backed import BackedData, ChunkSettings, as_backed, is_backed, scan_reference
-from fedarches.data.batches import chunked_rows, dense_rows
 from fedarches.data.conditions import ordered_conditions
 from fedarches.data.genes import align_genes, select_genes
 from fedarches.data.validation import check_gene_names, check_shape, check_values, condition_labels, get_matrix
@@ -61,6 +60,7 @@ from fedarches.format.model_dir import (
     save_model_dir,
 )
 from fedarches.device import check_device, on_device
+from fedarches.query_fit import Convergence, check_fit_settings, fit_rows
 from fedarches.threads import check_threads, thread_limits
 from fedarches.training import (
     BackedSource,
@@ -75,6 +75,7 @@ from fedarches.training import train as train_loop
 
 LATENT_KEY = "X_fedarches"
 TARGET_SUM = 1e4
+LATENT_CHUNK = 8192  # cells per encoder pass: one dense chunk of 8192 x genes at a time
 
 
 @dataclass
@@ -82,10 +83,20 @@ class PreparedData:
     """A dataset lined up with a model: the matrix the model trains on, per-cell
     condition indices, and (NB) library sizes."""
 
-    x: sp.csr_matrix  # log-normalised for trVAE, counts for NB; columns = model genes
+    x: sp.csr_matrix  # log-normalised for trVAE (counts while row_scale is set), counts for NB; model genes
     conditions: np.ndarray  # str per cell
     library: np.ndarray | None
     gene_overlap: float
+    #: trVAE, prepared lazily: ``x`` still holds counts, and :meth:`rows` scales and log-transforms
+    #: the rows it returns, so mapping a million cells never holds a second normalised matrix
+    row_scale: np.ndarray | None = None
+
+    def rows(self, idx: np.ndarray | slice) -> sp.csr_matrix:
+        """The model's input for ``idx`` (CSR), the same bytes as eager preparation gives."""
+        sub = self.x[idx]
+        if self.row_scale is None:
+            return sub
+        return _log_normalise(sub, self.row_scale[idx])
 
 
 @dataclass
@@ -170,8 +181,15 @@ def label_index(latent: np.ndarray, labels: np.ndarray, studies: np.ndarray, cat
     return ReferenceIndex(latent=latent, labels=codes, categories=list(transfer.label_categories), transfer=transfer)
 
 
+def _log_normalise(x: sp.csr_matrix, scale: np.ndarray) -> sp.csr_matrix:
+    """Rows scaled to TARGET_SUM and log1p'd (trVAE's input)."""
+    x = (sp.diags(scale.astype(np.float32)) @ x).tocsr()
+    np.log1p(x.data, out=x.data)
+    return x.astype(np.float32)
+
+
 def _prepare(adata: ad.AnnData, kind: ModelKind, genes: list[str] | None, condition_key: str,
-             layer: str | None) -> tuple[PreparedData, list[str]]:
+             layer: str | None, *, lazy: bool = False) -> tuple[PreparedData, list[str]]:
     """Validate and line up ``adata``; returns the prepared data and the gene list used."""
     if not isinstance(adata, ad.AnnData):
         raise InputDataError(f"expected an AnnData object, got {type(adata).__name__}")
@@ -181,12 +199,14 @@ def _prepare(adata: ad.AnnData, kind: ModelKind, genes: list[str] | None, condit
     x = get_matrix(adata, layer)
     check_values(x, require_integers=(kind == "nb"), conditions=conditions)
     var_names = adata.var_names.astype(str).tolist()
-    return _prepare_matrix(x, var_names, conditions, kind, genes), genes if genes is not None else var_names
+    data = _prepare_matrix(x, var_names, conditions, kind, genes, lazy=lazy)
+    return data, genes if genes is not None else var_names
 
 
 def _prepare_matrix(x: sp.csr_matrix, var_names: list[str], conditions: np.ndarray, kind: ModelKind,
-                    genes: list[str] | None) -> PreparedData:
-    """Columns lined up with ``genes`` and the normalisation the model needs (validated input)."""
+                    genes: list[str] | None, *, lazy: bool = False) -> PreparedData:
+    """Columns lined up with ``genes`` and the normalisation the model needs (validated input);
+    ``lazy``: trVAE's normalisation is applied by :meth:`PreparedData.rows`, per chunk."""
     overlap = 1.0
     if genes is not None:
         x, overlap = align_genes(x, var_names, genes)
@@ -194,9 +214,9 @@ def _prepare_matrix(x: sp.csr_matrix, var_names: list[str], conditions: np.ndarr
     if kind == "trvae":
         # log-normalise over the model's genes, so reference and query share one scale
         scale = np.divide(TARGET_SUM, library, out=np.zeros_like(library), where=library > 0)
-        x = (sp.diags(scale.astype(np.float32)) @ x).tocsr()
-        np.log1p(x.data, out=x.data)
-        return PreparedData(x=x.astype(np.float32), conditions=conditions, library=None, gene_overlap=overlap)
+        if lazy:
+            return PreparedData(x=x, conditions=conditions, library=None, gene_overlap=overlap, row_scale=scale)
+        return PreparedData(x=_log_normalise(x, scale), conditions=conditions, library=None, gene_overlap=overlap)
     return PreparedData(x=x, conditions=conditions, library=np.maximum(library, 1.0), gene_overlap=overlap)
 
 
@@ -384,6 +404,7 @@ class FedArchesModel:
         settings: MapSettings | None = None,
         layer: str | None = None,
         site: str | None = None,
+        copy_data: bool = True,
         **legacy: Any,
     ) -> MapResult:
         """Architecture surgery + fine-tuning on a query, then embedding and label transfer.
@@ -396,11 +417,14 @@ class FedArchesModel:
         predictions, and a typed report. ``site``: whose data this is; its new
         conditions get ids qualified by it, and names it already holds (or
         reference studies) are not mapped again (``format.identity``).
+        ``copy_data=False``: the returned AnnData shares the input's matrices instead of
+        copying them (for callers that drop the input, as ``fedarches map`` does).
         """
         settings = _map_settings(settings, legacy)
+        check_fit_settings(settings.fit_cells, settings.converge_tol, settings.lr)
         strategy = settings.strategy
         key = condition_key or self.condition_key
-        data, _ = _prepare(adata, self.config.kind, self.genes, key, layer)
+        data, _ = _prepare(adata, self.config.kind, self.genes, key, layer, lazy=True)
         names = self.condition_index()
         ids = {c: names.resolve(c, site) for c in ordered_conditions(adata.obs[key])}
         new = [c for c, cid in ids.items() if cid is None]
@@ -417,13 +441,16 @@ class FedArchesModel:
         index = {n: i for i, n in enumerate(module.conditions)}
         cond_idx = np.array([index[ids[c]] for c in data.conditions], dtype=np.int64)
         rows = np.nonzero(np.isin(data.conditions, new))[0]
+        if strategy == "conditions":  # study-level rows: a per-condition subsample fits them (query_fit)
+            rows = fit_rows(data.conditions, rows, settings.fit_cells, settings.seed)
         params = module.set_trainable(strategy)
         cfg = self.train_config.model_copy(update={
             "epochs": settings.epochs, "seed": settings.seed, "strategy": strategy,
+            "lr": settings.lr if settings.lr is not None else self.train_config.lr,
             "threads": settings.threads if settings.threads is not None else self.train_config.threads,
             "device": settings.device,
         })
-        sub_x = data.x[rows]
+        sub_x = data.rows(rows)
         sub_lib = data.library[rows] if data.library is not None else None
         if strategy == "conditions":
             source: Any = ProjectedSource(module, sub_x, cond_idx[rows], sub_lib,
@@ -431,8 +458,9 @@ class FedArchesModel:
         else:
             source = MatrixSource(module, sub_x, cond_idx[rows], sub_lib)
         setup = time.perf_counter() - t_start
+        converge = Convergence(settings.converge_tol) if settings.converge_tol > 0 else None
         history = train_loop(module, source, params, cfg, query=True, progress=settings.progress,
-                             description=f"query ({strategy})")
+                             description=f"query ({strategy})", converge=converge)
         history.setup_seconds = setup
         for p in module.parameters():
             p.requires_grad_(True)
@@ -441,7 +469,7 @@ class FedArchesModel:
         model.condition_owners = {**self.condition_owners, **({ids[c]: (site, c) for c in new} if site else {})}
         model.last_history = history
         with thread_limits(cfg.threads, "inference"):
-            out = model._annotate(adata, data, cond_idx, settings.device)
+            out = model._annotate(adata, data, cond_idx, settings.device, copy=copy_data)
         label_transfer = None
         if self.label_key and self.label_key in adata.obs and self.reference is not None:
             label_transfer = _accuracy_summary(out, self.label_key, self.reference.categories)
@@ -476,7 +504,7 @@ class FedArchesModel:
         studies (None: an id, or a name only one site uses; ``format.identity``).
         ``device``: where the encoder runs (``fedarches.device``; None: auto)."""
         key = condition_key or self.condition_key
-        data, _ = _prepare(adata, self.config.kind, self.genes, key, layer)
+        data, _ = _prepare(adata, self.config.kind, self.genes, key, layer, lazy=True)
         names = self.condition_index()
         ids = {c: names.resolve(c, site) for c in sorted(set(data.conditions))}
         unknown = [c for c, cid in ids.items() if cid is None]
@@ -497,14 +525,18 @@ class FedArchesModel:
                    threads: int | None = None, site: str | None = None) -> np.ndarray:
         return np.asarray(self.embed(adata, condition_key, layer=layer, threads=threads, site=site).obsm[LATENT_KEY])
 
-    def _latent(self, x: sp.csr_matrix, cond_idx: np.ndarray, device: str | None = None) -> np.ndarray:
+    def _latent(self, x: sp.csr_matrix | PreparedData, cond_idx: np.ndarray, device: str | None = None) -> np.ndarray:
+        """The posterior mean of every cell, a chunk of rows at a time (only one chunk is dense)."""
         self.module.eval()
-        out = np.empty((x.shape[0], self.config.latent_dim), dtype=np.float32)
+        n = x.x.shape[0] if isinstance(x, PreparedData) else x.shape[0]
+        out = np.empty((n, self.config.latent_dim), dtype=np.float32)
         with torch.no_grad(), on_device(self.module, device) as dev:
-            for rows in chunked_rows(x.shape[0]):
-                xb = dense_rows(x, rows).to(dev)
-                z = self.module.latent(torch.from_numpy(cond_idx[rows]).to(dev), self.module.encoder_input(xb))
-                out[rows[0]: rows[-1] + 1] = z.cpu().numpy()
+            for start in range(0, n, LATENT_CHUNK):
+                sl = slice(start, min(n, start + LATENT_CHUNK))
+                sub = x.rows(sl) if isinstance(x, PreparedData) else x[sl]
+                xb = torch.from_numpy(sub.toarray().astype(np.float32, copy=False)).to(dev)
+                z = self.module.latent(torch.from_numpy(cond_idx[sl]).to(dev), self.module.encoder_input(xb))
+                out[sl] = z.cpu().numpy()
         return out
 
     def _classifier_probabilities(self, latent: np.ndarray) -> np.ndarray | None:
@@ -524,9 +556,9 @@ class FedArchesModel:
         return out
 
     def _annotate(self, adata: ad.AnnData, data: PreparedData, cond_idx: np.ndarray,
-                  device: str | None = None) -> ad.AnnData:
-        out = adata.copy()
-        out.obsm[LATENT_KEY] = self._latent(data.x, cond_idx, device)
+                  device: str | None = None, *, copy: bool = True) -> ad.AnnData:
+        out = adata.copy() if copy or adata.is_view else _sharing_matrices(adata)
+        out.obsm[LATENT_KEY] = self._latent(data, cond_idx, device)
         if self.reference is not None and self.label_key:
             # One query-shift guard for everything annotated together (the cells of one
             # site share a state; per-study guards lost A549 on CellBench, where one
@@ -648,6 +680,14 @@ class FedArchesModel:
 #: model kind, relative to that kind's reconstruction term; chosen by measurement
 #: (benchmarks/RESULTS.md, quality section).
 CLASSIFIER_WEIGHT: dict[str, float] = {"trvae": 100.0, "nb": 100.0}
+
+
+def _sharing_matrices(adata: ad.AnnData) -> ad.AnnData:
+    """A new AnnData holding ``adata``'s matrices (not copies) and copies of its tables, so
+    annotating it never writes into ``adata``'s obs, obsm or uns."""
+    return ad.AnnData(X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), uns=dict(adata.uns),
+                      obsm=dict(adata.obsm), varm=dict(adata.varm), layers=dict(adata.layers),
+                      obsp=dict(adata.obsp), varp=dict(adata.varp))
 
 
 def _reference_config(kind: ModelKind, n_genes: int, n_labels: int, overrides: dict[str, Any] | None) -> ModelConfig:

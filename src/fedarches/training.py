@@ -35,6 +35,7 @@ from fedarches.data.batches import (
     minibatch_indices,
 )
 from fedarches.models.cvae import CVAE, MSETerms
+from fedarches.query_fit import Convergence
 from fedarches.threads import thread_limits
 
 
@@ -233,6 +234,8 @@ class TrainHistory:
     setup_seconds: float = 0.0
     stopped_early: bool = False
     best_epoch: int = 0
+    param_change: list[float] = field(default_factory=list)  # with a convergence rule: per epoch
+    converged: bool = False
 
 
 def _freeze_norm_statistics(module: nn.Module) -> None:
@@ -275,20 +278,23 @@ def train(
     query: bool,
     progress: bool = True,
     description: str = "training",
+    converge: Convergence | None = None,
 ) -> TrainHistory:
     """Adam on ``params`` only, with gradient clipping, KL warm-up (reference only),
     a seeded validation split and early stopping that restores the best epoch.
 
     In query mode batch-norm statistics stay frozen: the reference's normalisation
     must not drift, or frozen tensors would change (invariant 2).
+    ``converge``: also stop once the trained parameters stopped moving (``fedarches.query_fit``).
     """
     with thread_limits(cfg.threads, "training"), on_device(module, cfg.device) as device:
         return _train(module, source, params, cfg, query=query, progress=progress, description=description,
-                      device=device)
+                      device=device, converge=converge)
 
 
 def _train(module: CVAE, source: BatchSource, params: list[nn.Parameter], cfg: TrainConfig, *,
-           query: bool, progress: bool, description: str, device: torch.device) -> TrainHistory:
+           query: bool, progress: bool, description: str, device: torch.device,
+           converge: Convergence | None = None) -> TrainHistory:
     c = module.config
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -312,6 +318,8 @@ def _train(module: CVAE, source: BatchSource, params: list[nn.Parameter], cfg: T
         TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         disable=not progress, transient=False,
     )
+    if converge is not None:
+        converge.start(params)
     with bar:
         task = bar.add_task(description, total=epochs, loss="-")
         for epoch in range(epochs):
@@ -350,6 +358,12 @@ def _train(module: CVAE, source: BatchSource, params: list[nn.Parameter], cfg: T
                     if since_best >= cfg.early_stopping_patience:
                         history.stopped_early = True
                         break
+            if converge is not None:
+                change, done = converge.step(params)
+                history.param_change.append(change)
+                if done:
+                    history.stopped_early = history.converged = True
+                    break
     with torch.no_grad():
         for p, b in zip(params, best_state):
             p.copy_(b)

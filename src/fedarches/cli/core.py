@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedarches.config import DEFAULT_LABEL_KNOWLEDGE, K_MIN, LABEL_KNOWLEDGE, MODEL_KINDS, STRATEGIES, MapSettings, TrainConfig
+from fedarches.config import CONVERGE_PATIENCE, DEFAULT_CONVERGE_TOL, DEFAULT_FIT_CELLS, DEFAULT_LABEL_KNOWLEDGE, K_MIN, LABEL_KNOWLEDGE, MODEL_KINDS, STRATEGIES, MapSettings, TrainConfig
 from fedarches.data.io import read_h5ad
 from fedarches.device import DEFAULT_DEVICE, DEVICES, check_device
 from fedarches.mapping import check_out_dir
@@ -13,8 +13,12 @@ from fedarches.threads import check_threads
 
 def map_settings(args: argparse.Namespace) -> MapSettings:
     """The one place command-line options become ``MapSettings`` (``map`` and ``site map``)."""
+    from fedarches.query_fit import check_fit_settings
+
+    check_fit_settings(args.fit_cells, args.converge_tol)
     return MapSettings(epochs=args.epochs, strategy=args.strategy, seed=args.seed, threads=check_threads(args.threads),
-                       progress=not args.quiet, device=check_device(args.device))
+                       progress=not args.quiet, device=check_device(args.device), fit_cells=args.fit_cells,
+                       converge_tol=args.converge_tol)
 
 
 def map_options(p: argparse.ArgumentParser) -> None:
@@ -23,6 +27,12 @@ def map_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--strategy", choices=list(STRATEGIES), default="conditions",
                    help="conditions: only the new condition vectors train; input-layers/full: more (a branch)")
+    p.add_argument("--fit-cells", type=int, default=DEFAULT_FIT_CELLS, metavar="N",
+                   help="strategy conditions: fit the new rows on at most N cells per new condition, then embed "
+                        f"every cell (0: fit on every cell; default {DEFAULT_FIT_CELLS}; docs/SPEED.md)")
+    p.add_argument("--converge-tol", type=float, default=DEFAULT_CONVERGE_TOL, metavar="TOL",
+                   help="stop once the trained parameters change by less than TOL (relative) per epoch "
+                        f"{CONVERGE_PATIENCE} epochs in a row (0: off, the full schedule; default {DEFAULT_CONVERGE_TOL:g})")
     _run_options(p)
 
 
@@ -154,7 +164,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
     check_out_dir(args.out)
     res = map_to_directory(FedArchesModel.load(args.model), read_h5ad(args.data), args.condition_key, args.out,
-                           map_settings(args), layer=args.layer)
+                           map_settings(args), layer=args.layer, copy_data=False)
     r = res.result.report
     print(f"mapped {r.n_cells} cells ({', '.join(r.new_conditions)}) with strategy {r.strategy}: "
           f"{r.trainable_parameters} trainable of {r.total_parameters} parameters, {r.epochs} epochs, "
