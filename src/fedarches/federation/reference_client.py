@@ -77,7 +77,8 @@ def train(msg: Message, context: Context) -> Message:
         mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))
         out, n, loss = train_round(site, setup, dict(shared), rnd, mu=mu)
         content = RecordDict({"arrays": ArrayRecord(OrderedDict(out)),
-                              "metrics": MetricRecord({"num-examples": n, "round": rnd, "loss": loss})})
+                              "metrics": MetricRecord({"num-examples": n, "round": rnd, "loss": loss,
+                                                           "site-index": setup.sites.index(site.site)})})
         return Message(content=content, reply_to=msg)
     except Exception as exc:
         return _failed(msg, context, exc)

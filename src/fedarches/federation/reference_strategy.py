@@ -45,11 +45,17 @@ class RoundLog:
     loss: float | None = None
 
 
-def reply_round(msg: Message) -> int | None:
+def _metric(msg: Message, key: str) -> int:
     try:
-        return int(next(iter(msg.content.metric_records.values()))["round"])
+        return int(next(iter(msg.content.metric_records.values()))[key])
     except (StopIteration, KeyError, TypeError, ValueError):
-        return None
+        return -1
+
+
+def reply_round(msg: Message) -> int | None:
+    """The round a reply says its update was built on (None: it does not say)."""
+    r = _metric(msg, "round")
+    return None if r < 0 else r
 
 
 def make_strategy(name: str, **kw: Any) -> FedAvg:
@@ -81,7 +87,9 @@ class _ReferenceRounds:
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = server_round + self.offset
-        entry = self.rounds[-1] if self.rounds and self.rounds[-1].round == rnd else RoundLog(round=rnd)
+        if not self.rounds or self.rounds[-1].round != rnd:
+            self.rounds.append(RoundLog(round=rnd))
+        entry = self.rounds[-1]
         fresh: list[Message] = []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
@@ -99,6 +107,9 @@ class _ReferenceRounds:
             log(WARNING, "fedarches: round %d: %d usable update(s), fewer than the minimum %d; "
                 "the weights stay those of the previous round", rnd, len(fresh), self.min_replies)
             return None, None
+        # in the sites' order, not arrival order: float sums depend on their order, and the same
+        # build must give the same weights however the replies arrived (and when resumed)
+        fresh.sort(key=lambda m: (_metric(m, "site-index"), int(m.metadata.src_node_id)))
         arrays, metrics = super().aggregate_train(rnd, fresh)  # type: ignore[misc]
         entry.aggregated = arrays is not None
         if metrics is not None and "loss" in metrics:
