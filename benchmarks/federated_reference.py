@@ -101,6 +101,30 @@ def federated(ref, query, split: Split, kind: str, n_genes: int, seed: int, roun
             "loss_by_round": [r["loss"] for r in per_round], **settings}
 
 
+def _f(v, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{v:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of benchmarks/FEDERATED_REFERENCE.md; deltas against the split's and
+    model's centralized row."""
+    head = ("| split | model | build | epochs (rounds x E) | accuracy known | held-out detected | kNN purity | EBM "
+            "| d acc | d det | d purity | KiB per site per round (down / up) | wall s (load) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    central = {(r["split"], r["model"]): r for r in rows if r["build"] == "centralized"}
+    for r in rows:
+        c = central.get((r["split"], r["model"]), r)
+        fed = r["build"] != "centralized"
+        d = [_f(r[k] - c[k]) if fed and r[k] is not None and c[k] is not None else "" for k in
+             ("accuracy_known", "heldout_detected", "knn_purity")]
+        ep = f"{r['epochs']} ({r['rounds']} x {r['local_epochs']})" if fed else f"{r['epochs']} (early stop)"
+        kib = f"{r['bytes_down_per_site_round'] / 1024:.0f} / {r['bytes_up_per_site_round'] / 1024:.0f}" if fed else ""
+        lines.append(f"| {r['split']} | {r['model']} | {r['build']} | {ep} | {_f(r['accuracy_known'])} | "
+                     f"{_f(r['heldout_detected'])} | {_f(r['knn_purity'])} | {_f(r['ebm'])} | {' | '.join(d)} | {kib} | "
+                     f"{r['seconds']} ({r['load']}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--splits", default="cellbench,pbmc")
@@ -114,7 +138,16 @@ def main() -> None:
                    help="comma list of federated variants: default, mmd-none, bn-local, fedprox")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedref-bench"))
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    p.add_argument("--render", type=Path, default=None,
+                   help="print the markdown table of the JSON rows in this file (a --out file or this script's "
+                        "output, one JSON row per line) and exit")
     args = p.parse_args()
+    if args.render:
+        text = args.render.read_text()
+        rows = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        print(table(rows))
+        return
     variants = {"default": {}, "mmd-none": {"mmd": "none"}, "bn-local": {"bn": "local"},
                 "fedprox": {"strategy": "fedprox"}}
     rows = []

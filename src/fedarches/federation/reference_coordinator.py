@@ -123,7 +123,9 @@ def plan_build(stats: dict[int, SiteStatistics], cfg: ReferenceRunConfig, atlas:
             a = [s.stats[f"{i}/{f}"][idx] for f in STAT_FIELDS]
             study_stats.append(StudyGeneStats(study=study, n_cells=n, mean=a[0], variance=a[1], variance_norm=a[2]))
     chosen = choose_genes(study_stats, genes, cfg.n_genes)
-    categories = sorted({label for s in stats.values() for label in s.label_counts})
+    # a label is known to the model when some site can summarise it k-anonymously (>= k_min of
+    # its cells at one site); cells of other labels train as unlabelled
+    categories = sorted({label for s in stats.values() for label, n in s.label_counts.items() if n >= cfg.k_min})
     overrides = {"mmd_weight": 0.0} if cfg.mmd == "none" else None
     config = _reference_config(cfg.model, len(chosen), len(categories), overrides)
     train = TrainConfig()

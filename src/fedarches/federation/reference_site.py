@@ -237,10 +237,13 @@ def site_bundle(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
     model, latent, d = final_model(site, setup, shared, rnd)
     tensors = dict(model.module.condition_state(model.conditions))
     labels: list[str] = []
-    if d.labels is not None:
-        summaries = ClassSummaries.fit(latent, d.labels, ref_batches=d.studies,
-                                       label_categories=sorted(set(d.labels.tolist())), fpr=0.01,
-                                       options=SummaryOptions(k_min=setup.k_min), seed=setup.seed)
+    counts = pd.Series(d.labels).value_counts() if d.labels is not None else pd.Series(dtype=int)
+    kept = sorted(str(k) for k, n in counts.items() if n >= setup.k_min and str(k) in setup.label_categories)
+    if kept:  # k-anonymous: only labels with >= k_min cells here, as `site map --share-labels`
+        keep = np.isin(d.labels, kept)
+        summaries = ClassSummaries.fit(latent[keep], d.labels[keep], ref_batches=d.studies[keep],
+                                       label_categories=kept, fpr=0.01, seed=setup.seed,
+                                       options=SummaryOptions(k_min=setup.k_min, small_labels="drop"))
         tensors |= {label_key(k): torch.from_numpy(np.ascontiguousarray(v)) for k, v in summaries.state().items()}
         labels = list(summaries.label_categories)
     bundle = create_bundle(key=load_site_key(site.key_dir), site=site.site, atlas=setup.atlas, parent=parent,
