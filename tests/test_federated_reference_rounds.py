@@ -61,3 +61,21 @@ def test_build_setup_round_trips_and_names_its_build():
     cfg["protocol"] = "other/1"
     with pytest.raises(ProtocolError):
         BuildSetup.from_config(cfg)
+
+
+def test_build_federated_refuses_an_unenrolled_site_before_any_simulation(tmp_path, capsys):
+    import tomli_w
+
+    from fedarches.cli import main
+
+    assert main(["atlas", "init", str(tmp_path / "atlas"), "--name", "fed"]) == 0
+    site = {"site": "site-x", "data": str(tmp_path / "x.h5ad"), "condition-key": "study",
+            "key-dir": str(tmp_path / "keys")}
+    (tmp_path / "sites.toml").write_text(tomli_w.dumps({"site": [site]}))
+    assert main(["atlas", "build-federated", str(tmp_path / "atlas"), "--sites", str(tmp_path / "sites.toml"),
+                 "--label-key", "cell_type"]) == 2
+    assert "enrollment check failed" in capsys.readouterr().err
+    (tmp_path / "sites.toml").write_text(tomli_w.dumps({"site": [{"site": "site-x"}]}))
+    assert main(["atlas", "build-federated", str(tmp_path / "atlas"), "--sites", str(tmp_path / "sites.toml"),
+                 "--label-key", "cell_type"]) == 2
+    assert "setting check failed" in capsys.readouterr().err
