@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     label_knowledge_options(q)
     q.set_defaults(func=cmd_build)
 
+    _register_build_federated(asub)
+
     q = asub.add_parser("enroll", help="accept contributions signed by this site key")
     q.add_argument("atlas_dir", metavar="ATLAS_DIR")
     q.add_argument("--site", required=True, help="site name (must match the --site the site signs with)")
@@ -375,3 +377,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     print_run_report(report, args.holdout)
     return 0 if report.get("status") == "completed" else 1
+
+
+def _register_build_federated(asub: argparse._SubParsersAction) -> None:
+    q = asub.add_parser("build-federated", help="train version 1 over Flower with the sites that hold the "
+                        "reference studies (simulation on this machine); no cell leaves its site")
+    q.add_argument("atlas_dir", metavar="ATLAS_DIR")
+    q.add_argument("--sites", required=True, metavar="SITES.toml",
+                   help="one [[site]] table per site: site, data, condition-key, key-dir (sites enrolled first)")
+    q.add_argument("--label-key", required=True, help="obs column with cell types at every site")
+    q.add_argument("--model", choices=list(MODEL_KINDS), default="trvae")
+    q.add_argument("--rounds", type=int, default=20)
+    q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
+    q.add_argument("--local-epochs", type=int, default=5, help="epochs each site trains per round")
+    q.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg", help="Flower strategy")
+    q.add_argument("--mmd", choices=["local", "none"], default="local",
+                   help="trVAE: MMD among each site's own studies, or none")
+    q.add_argument("--bn", choices=["aggregate", "local"], default="aggregate",
+                   help="NB batch norm: averaged every round, or kept at the sites (FedBN) and averaged at the end")
+    q.add_argument("--min-sites", type=int, default=None,
+                   help="usable updates a round needs (default: every site)")
+    q.add_argument("--round-timeout", type=int, default=600)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--report", default="", help="write the run report (JSON) here")
+    q.set_defaults(func=cmd_build_federated)
+
+
+def cmd_build_federated(args: argparse.Namespace) -> int:
+    from fedarches.federation.reference_run_config import ReferenceRunConfig
+    from fedarches.federation.reference_simulation import build_federated, read_sites
+
+    n_sites = len(read_sites(args.sites))
+    cfg = ReferenceRunConfig.from_run_config({
+        "atlas-dir": str(Path(args.atlas_dir).resolve()), "label-key": args.label_key, "model": args.model,
+        "rounds": args.rounds, "n-genes": args.n_genes, "local-epochs": args.local_epochs,
+        "strategy": args.strategy, "mmd": args.mmd, "bn": args.bn, "seed": args.seed,
+        "min-sites": args.min_sites or n_sites, "round-timeout": args.round_timeout,
+        "report": str(Path(args.report).resolve()) if args.report else "",
+    })
+    report = build_federated(cfg, args.sites)
+    v = report["version"]
+    sites = ", ".join(s["site"] for s in report["sites"].values())
+    print(f"published version {v['number']} (id {v['id']}) of atlas {report['atlas']!r}, built over Flower "
+          f"({args.strategy}, {args.rounds} rounds x {args.local_epochs} local epochs) by {sites}; "
+          f"{report['genes']} genes chosen from the sites' statistics")
+    return 0

@@ -283,11 +283,26 @@ class Atlas:
         self, model_dir: str | os.PathLike[str], *, metrics: Mapping[str, Any] | None = None
     ) -> LineageEntry:
         """Publish a trained reference model directory as version 1 of the main line."""
-        version, blobs = reference_version(self.name, model_dir, metrics)
+        return self._publish_version_one(*reference_version(self.name, model_dir, metrics))
+
+    def _publish_version_one(self, version: AtlasVersion, blobs: Mapping[str, bytes]) -> LineageEntry:
         with self._locked():
             state = self.repo.current()
             self._refuse_second_reference(state)
             return publish_versions(self.repo, state, self._signed_lineage(state), [(version, blobs)])[0]
+
+    def publish_federated_reference(
+        self, model_dir: str | os.PathLike[str], *, holders: Mapping[str, str], build: Mapping[str, Any]
+    ) -> LineageEntry:
+        """Version 1 from a reference the sites trained together (``federation/reference_*``).
+
+        As ``publish_reference``; each study's signed record also carries ``build`` (sites,
+        rounds, strategy) and ``held_by``, the site that holds its cells. The studies stay
+        reference studies (site ``coordinator``), so every later step treats them as any."""
+        version, blobs = reference_version(self.name, model_dir, build)
+        version = version.model_copy(update={"conditions": [
+            c.model_copy(update={"metrics": {**c.metrics, "held_by": holders[c.name]}}) for c in version.conditions]})
+        return self._publish_version_one(version, blobs)
 
     def build(
         self,
