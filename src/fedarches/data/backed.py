@@ -204,11 +204,11 @@ def scan_reference(data: BackedData, reader: CSRFile, conditions: np.ndarray, n_
     gene statistics need; pass 2 (only when genes are chosen) sums the clipped counts.
     Returns the model's genes: the same list ``select_genes`` picks on the whole matrix.
     """
-    from fedarches.data.genes import StudyGeneStats
+    from fedarches.data.genes import StreamedGeneStats
     from fedarches.data.validation import _check_entries, check_signal
 
     genes = data.var_names.tolist()
-    stats = StudyGeneStats(conditions, len(genes)) if 0 < n_genes < len(genes) else None
+    stats = StreamedGeneStats(conditions, len(genes)) if 0 < n_genes < len(genes) else None
     totals = np.zeros(data.n_obs)
     for pos, x in data.blocks(reader, chunk_cells):
         _check_entries(x.data, require_integers=require_integers, what="the count matrix")

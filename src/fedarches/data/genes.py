@@ -94,7 +94,7 @@ def align_genes(
     return aligned.astype(np.float32, copy=False), overlap
 
 
-class StudyGeneStats:
+class StreamedGeneStats:
     """What ``select_genes`` computes from the matrix, accumulated block by block.
 
     scanpy's seurat_v3 with a batch key needs, per study and gene, the mean and variance
@@ -160,15 +160,13 @@ class StudyGeneStats:
         self.clip_sum_sq += np.bincount(flat, weights=v * v, minlength=size).reshape(self.sum.shape)
 
     def select(self, genes: Sequence[str], n_top: int, reg_std: np.ndarray) -> list[str]:
-        """seurat_v3's ranking (median rank over studies, then number of studies) on the sums."""
-        mean, _ = self.mean_var()
+        """seurat_v3's per-study standardised variances from the sums, ranked across studies by
+        ``data.gene_stats.choose_genes`` (the one cross-study ranking, shared with the federated build)."""
+        from fedarches.data.gene_stats import StudyGeneStats, choose_genes
+
+        mean, var = self.mean_var()
         n = self.cells[:, None].astype(np.float64)
         norm_var = (n * mean**2 + self.clip_sum_sq - 2 * self.clip_sum * mean) / ((n - 1) * reg_std**2)
-        ranks = np.argsort(np.argsort(-norm_var, axis=1), axis=1).astype(np.float32)
-        n_batches = (ranks < n_top).sum(axis=0)
-        ranks[ranks >= n_top] = np.nan
-        median = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
-        df = pd.DataFrame({"rank": median, "nbatches": n_batches}, index=pd.Index(list(genes)))
-        chosen = set(df.sort_values(["rank", "nbatches"], ascending=[True, False], na_position="last")
-                     .index[:n_top])
-        return [g for g in genes if g in chosen]
+        stats = [StudyGeneStats(study=s, n_cells=int(self.cells[b]), mean=mean[b], variance=var[b],
+                                variance_norm=norm_var[b]) for b, s in enumerate(self.studies)]
+        return choose_genes(stats, genes, n_top)
