@@ -82,6 +82,9 @@ def test_version_one_is_an_ordinary_signed_reference(built, cellbench, tmp_path)
     m = version.conditions[0].metrics
     assert (m["federated_rounds"], m["federated_strategy"], m["federated_sites"]) == (4, "FedAvg",
                                                                                       "site-a,site-b,site-c")
+    # the lineage entry names them too (atlas log), from the same signed records
+    assert (entry.build["rounds"], entry.build["strategy"], entry.build["sites"]) == (4, "FedAvg",
+                                                                                      "site-a,site-b,site-c")
     # label knowledge from the sites' class summaries; no per-cell array anywhere
     assert "labels.safetensors" in version.blobs and "reference.safetensors" not in version.blobs
     assert sorted(version.model.label_categories) == sorted(set(ref.obs[LABEL].astype(str)))

@@ -189,6 +189,8 @@ def cmd_log(args: argparse.Namespace) -> int:
     for e in reversed(entries):
         parents = ",".join(str(n) for n in e.parent_numbers) or "-"
         print(f"v{e.number:<4} {e.id[:12]}  {e.branch:<12} parents {parents:<6} {e.strategy:<12} {e.published}")
+        if e.build:
+            print("      built over Flower: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in e.build.items()))
         added = [c for c in atlas.version(e.number).conditions if c.introduced_in == e.number]
         total = len(e.conditions)
         print(f"      added {len(added)} of {total} conditions:")

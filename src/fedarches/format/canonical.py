@@ -28,14 +28,17 @@ _BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class OmitEmptyLabels(BaseModel):
-    """A model whose ``labels`` field (label summaries, issue 9) is left out of every dump while
-    empty: documents written before labels existed keep their bytes, hashes and signatures."""
+    """A model whose later-added fields (``labels``: label summaries; ``build``: how a federated
+    reference was trained) are left out of every dump while empty: documents written before
+    those fields existed keep their bytes, hashes and signatures."""
 
     @model_serializer(mode="wrap")
     def _omit_empty_labels(self, handler: Any) -> Any:
         out = handler(self)
-        if isinstance(out, dict) and not out.get("labels", True):
-            del out["labels"]
+        if isinstance(out, dict):
+            for key in ("labels", "build"):
+                if key in out and not out[key]:
+                    del out[key]
         return out
 
 

@@ -204,6 +204,9 @@ class LineageEntry(OmitEmptyLabels):
     conditions: list[ConditionRef]
     published: str = Field(description="UTC time the coordinator published it (not part of the id)")
     labels: list[LabelRef] = []  # label components this version added (left out of the bytes while empty)
+    #: a reference built over Flower (``atlas build-federated``): sites, rounds, strategy, ...
+    #: (left out of the bytes while empty, so every other entry keeps its bytes)
+    build: dict[str, Metric] = {}
 
 
 class KeyChange(BaseModel):
@@ -293,7 +296,23 @@ def entry_for(version: AtlasVersion, lineage: Lineage, published: str) -> Lineag
         published=published,
         labels=[LabelRef(name=r.name, site=r.site, components=len(r.components), cells=sum(r.cells))
                 for r in version.labels if r.introduced_in == version.number],
+        build=federated_build(version),
     )
+
+
+FEDERATED_PREFIX = "federated_"
+
+
+def federated_build(version: AtlasVersion) -> dict[str, Metric]:
+    """How a federated reference was trained, as its signed study records state it
+    (``federated_*`` metrics, the same on every study of version 1); empty otherwise."""
+    if version.strategy != "reference":
+        return {}
+    for c in version.conditions:
+        found = {k[len(FEDERATED_PREFIX):]: v for k, v in c.metrics.items() if k.startswith(FEDERATED_PREFIX)}
+        if found:
+            return found
+    return {}
 
 
 def write_model_dir(
