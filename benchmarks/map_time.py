@@ -245,14 +245,20 @@ def markdown(rows: list[dict], phases: list[dict]) -> str:
              "Whole `fedarches map` commands (process start to exit, the annotated `query.h5ad` written) next to "
              "the peers' surgery + latent + the same label transfer; est. = one measured query epoch times the "
              "peer's schedule. 2 shared cores; `load` is the 1-minute load average when the run started. "
-             "docs/SPEED.md explains the method.", "",
+             "CPU seconds: the whole fedarches process (start-up and imports included), the peers' query fit "
+             "alone (their start-up, latent and label transfer not included). docs/SPEED.md explains the method.",
+             "",
              "| data | seed | tool | variant | seconds | CPU seconds | x faster than SCVI | accuracy (known) "
              "| held-out called unknown | epochs | cells fitted | peak RSS GiB | load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         scvi = next((x["seconds"] for x in rows if x["data"] == r["data"] and x["seed"] == r["seed"]
                      and x["tool"] == "scvi-tools SCVI"), None)
+        scvi_cpu = next((x.get("cpu_seconds") for x in rows if x["data"] == r["data"] and x["seed"] == r["seed"]
+                         and x["tool"] == "scvi-tools SCVI"), None)
         ratio = f"{scvi / r['seconds']:.1f}" if scvi and r["tool"].startswith("fedarches") else "-"
+        if scvi_cpu and r.get("cpu_seconds") and r["tool"].startswith("fedarches"):
+            ratio += f" (CPU {scvi_cpu / r['cpu_seconds']:.1f})"
         secs = f"{r['seconds']:.1f}{' est.' if r['estimated'] else ''}"
         rss = f"{r['peak_rss_bytes'] / 2**30:.2f}" if r.get("peak_rss_bytes") else "-"
         lines.append(f"| {r['data']} | {r['seed']} | {r['tool']} | {r['variant']} | {secs} | "
