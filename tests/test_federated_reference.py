@@ -7,6 +7,7 @@ one does."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -70,6 +71,10 @@ def test_version_one_is_an_ordinary_signed_reference(built, cellbench, tmp_path)
     atlas = built["atlas"]
     [entry] = atlas.log()
     assert entry.number == 1 and entry.strategy == "reference"
+    # the simulation's sites file setting was put back: it never leaks into later runs of the process
+    from fedarches.federation.protocol import SIM_SITES_ENV
+
+    assert SIM_SITES_ENV not in os.environ
     version = atlas.version(1)
     # the genes recorded in version 1 are the pooled choice, computed from statistics only
     genes = ref.var_names.astype(str).tolist()

@@ -333,6 +333,11 @@ def write_sim_sites(path: str | os.PathLike[str], sites: list[SiteConfig]) -> Pa
     return p
 
 
+#: where a simulated SuperNode finds the sites file when the run config has no ``sim-sites``
+#: (set by ``atlas build-federated`` for the duration of its simulation only)
+SIM_SITES_ENV = "FEDARCHES_SIM_SITES"
+
+
 def site_config_from_context(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteConfig:
     """Deployment: the SuperNode's node config names the site. Simulation: Flower gives
     each simulated SuperNode only ``partition-id``; the run config's ``sim-sites``
@@ -340,7 +345,7 @@ def site_config_from_context(node_config: Mapping[str, Any], run_config: Mapping
     if "site" in node_config or "data" in node_config:
         return SiteConfig.from_mapping(node_config)
     if "partition-id" in node_config:
-        sim = str(run_config.get("sim-sites", "") or os.environ.get("FEDARCHES_SIM_SITES", ""))
+        sim = str(run_config.get("sim-sites", "") or os.environ.get(SIM_SITES_ENV, ""))
         if not sim:
             raise SettingError(
                 "setting check failed: simulated SuperNode without site settings: set run config 'sim-sites' to a TOML file "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedarches.errors import EnrollmentError, FedarchesError, ProtocolError
-from fedarches.federation.protocol import SiteConfig, load_sim_sites
+from fedarches.federation.protocol import SIM_SITES_ENV, SiteConfig, load_sim_sites
 from fedarches.federation.reference_run_config import ReferenceRunConfig
 
 
@@ -41,11 +41,14 @@ def build_federated(cfg: ReferenceRunConfig, sites_toml: str | os.PathLike[str],
                               "run `fedarches atlas enroll` for each first")
     cfg = cfg.model_copy(update={"sim_sites": str(Path(sites_toml).resolve()),
                                  "min_sites": max(cfg.min_sites, 1)})
-    os.environ["FEDARCHES_SIM_SITES"] = cfg.sim_sites  # the simulated sites read their settings from it
     for k in ("FLWR_TELEMETRY_ENABLED", "RAY_USAGE_STATS_ENABLED"):
         os.environ.setdefault(k, "0")
     outcome: dict[str, Any] = {}
     n = len(sites)
+    # the simulated sites (Ray workers, started by run_simulation) read their settings from
+    # it; put back as it was afterwards, so it never leaks into the caller's later runs
+    previous = os.environ.get(SIM_SITES_ENV)
+    os.environ[SIM_SITES_ENV] = cfg.sim_sites
     try:
         run_simulation(server_app=server_app(cfg, outcome), client_app=client_app, num_supernodes=n,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -53,6 +56,11 @@ def build_federated(cfg: ReferenceRunConfig, sites_toml: str | os.PathLike[str],
     except Exception:
         if "error" not in outcome:
             raise
+    finally:
+        if previous is None:
+            os.environ.pop(SIM_SITES_ENV, None)
+        else:
+            os.environ[SIM_SITES_ENV] = previous
     if isinstance(outcome.get("error"), FedarchesError):
         raise outcome["error"]
     if "error" in outcome:
