@@ -43,6 +43,13 @@ class ReferenceRunConfig(BaseModel):
     stop_after: int = Field(0, alias="stop-after", ge=0)  # test hook: fail the run after this round's checkpoint
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every key with its default, the required ones empty, as the app's pyproject holds
+        them (Flower refuses a ``--run-config`` key the app does not declare; an empty
+        ``atlas-dir`` or ``label-key`` is refused here)."""
+        return {f.alias or name: "" if f.is_required() else f.default for name, f in cls.model_fields.items()}
+
+    @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> "ReferenceRunConfig":
         try:
             return cls.model_validate(dict(rc))
