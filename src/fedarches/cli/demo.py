@@ -4,6 +4,9 @@
    reference so the sites can show unknown-cell detection), or any labelled AnnData
    with ``--data`` (its studies are split between the reference and the sites);
 2. coordinator: ``atlas init`` + ``atlas build`` (version 1), site keys enrolled;
+   with ``--federated-reference`` version 1 is built over a Flower simulation instead
+   (``atlas build-federated``): one site per reference study trains it together with
+   the others and no reference cell leaves its site;
 3. the atlas repository served over HTTP on loopback;
 4. N sites over Flower for R rounds (simulation by default: a SuperLink in simulation
    mode and Ray; ``--deployment``: real SuperLink + SuperNodes with TLS and SuperNode
@@ -69,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--genes", type=int, default=2000, help="generated data: genes (default 2000)")
     p.add_argument("--deployment", action="store_true",
                    help="real SuperLink + SuperNodes on loopback (TLS, SuperNode auth) instead of simulation")
+    p.add_argument("--federated-reference", action="store_true",
+                   help="build version 1 over Flower (atlas build-federated, simulation): one site per reference "
+                   "study, instead of atlas build on the pooled reference")
+    p.add_argument("--reference-rounds", type=int, default=4,
+                   help="with --federated-reference: Flower rounds of the reference build (default 4); the "
+                   "reference epochs are spread over them as local epochs")
     p.add_argument("--no-plot", action="store_true", help="skip the UMAP picture")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
@@ -257,6 +266,45 @@ def _enroll_sites(args: argparse.Namespace, atlas: Any, site_studies: dict[str, 
     return sites
 
 
+def build_federated_reference(args: argparse.Namespace, atlas: Any, ref: Any, ckey: str, lkey: str, out: Path,
+                              console: Any) -> Any:
+    """Version 1 over a Flower simulation (``atlas build-federated``): one enrolled site per
+    reference study, holding only that study's cells; the reference epochs (``--epochs``, or
+    the central build's default for these cells) are spread over ``--reference-rounds``."""
+    import tomli_w
+
+    from fedarches.federation.reference_run_config import ReferenceRunConfig
+    from fedarches.federation.reference_simulation import build_federated
+    from fedarches.format.signing import keygen
+    from fedarches.mapping import write_h5ad
+    from fedarches.training import default_epochs
+
+    tables = []
+    for i, study in enumerate(ordered_conditions(ref.obs[ckey])):
+        name, sdir = f"ref-site-{i + 1}", out / "reference-sites" / f"ref-site-{i + 1}"
+        make_dirs(sdir)
+        write_h5ad(_study(ref, ckey, study, study), sdir / "data.h5ad")
+        atlas.enroll(name, keygen(sdir / "keys").public)
+        tables.append({"site": name, "data": str(sdir / "data.h5ad"), "condition-key": ckey,
+                       "key-dir": str(sdir / "keys"), "out-dir": str(sdir / "results")})
+        console.print(f"[bold]{name}[/]: holds reference study {study} "
+                      f"({int((ref.obs[ckey].astype(str) == study).sum())} cells); key enrolled")
+    sites_toml = out / "reference-sites" / "sites.toml"
+    write_text(sites_toml, tomli_w.dumps({"site": tables}))
+    rounds = args.reference_rounds
+    local = max(1, -(-(args.epochs or default_epochs(ref.n_obs)) // rounds))
+    console.print(f"[bold]coordinator[/]: training the reference ({args.model}) over Flower: {len(tables)} sites, "
+                  f"{rounds} rounds x {local} local epochs (simulation) ...")
+    report = build_federated(ReferenceRunConfig.from_run_config({
+        "atlas-dir": str(atlas.path), "label-key": lkey, "model": args.model, "rounds": rounds,
+        "local-epochs": local, "n-genes": args.n_genes, "seed": args.seed, "min-sites": len(tables),
+        "report": str(out / "reference-report.json")}), sites_toml)
+    sent = report["rounds"][-1]["bytes_down"] if report["rounds"] else 0
+    console.print(f"[bold]coordinator[/]: {report['genes']} genes chosen from the sites' statistics; "
+                  f"{sent / 2**20:.1f} MiB each way per site per round; no reference cell left its site")
+    return atlas.head()
+
+
 def _run_flower(args: argparse.Namespace, atlas: Any, sites: list[Any], out: Path, console: Any) -> tuple[Any, Path]:
     """Serve the atlas and run the rounds over Flower (simulation or a real deployment)."""
     from fedarches.federation.app_dir import write_app_dir
@@ -333,20 +381,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = _prepare_out(Path(args.out).resolve())
     timings: dict[str, float] = {}
 
+    if args.reference_rounds < 1:
+        raise InputDataError("--reference-rounds must be at least 1")
     t = time.perf_counter()  # 1. data
     ref, site_studies, ckey, lkey, holdout = _split_user(args) if args.data else _split_generated(args)
     make_dirs(out / "data")
-    write_h5ad(ref, out / "data" / "reference.h5ad")
+    write_h5ad(ref, out / "data" / "reference.h5ad")  # pooled: atlas build reads it, a federated build never does
     console.print(f"[bold]data[/]: reference {ref.n_obs} cells x {ref.n_vars} genes, studies "
                   f"{', '.join(ordered_conditions(ref.obs[ckey]))}" + (f", without {holdout!r}" if holdout else ""))
     timings["data"] = time.perf_counter() - t
 
     t = time.perf_counter()  # 2. coordinator: atlas version 1
     atlas = Atlas.init(out / "atlas", "fedarches-demo")
-    console.print(f"[bold]coordinator[/]: training the reference ({args.model}) ...")
-    v1 = atlas.build(out / "data" / "reference.h5ad", ckey, lkey, kind=args.model, epochs=args.epochs,
-                     n_genes=args.n_genes, seed=args.seed, threads=1, progress=sys.stdout.isatty(),
-                     label_knowledge="summaries")
+    if args.federated_reference:
+        v1 = build_federated_reference(args, atlas, ref, ckey, lkey, out, console)
+    else:
+        console.print(f"[bold]coordinator[/]: training the reference ({args.model}) ...")
+        v1 = atlas.build(out / "data" / "reference.h5ad", ckey, lkey, kind=args.model, epochs=args.epochs,
+                         n_genes=args.n_genes, seed=args.seed, threads=1, progress=sys.stdout.isatty(),
+                         label_knowledge="summaries")
     console.print(f"[bold]coordinator[/]: published version {v1.number} ({v1.id[:12]}...), trust root {atlas.root_json}")
     timings["reference"] = time.perf_counter() - t
 
