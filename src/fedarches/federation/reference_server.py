@@ -1,7 +1,8 @@
 """Flower ServerApp of a federated reference build; the build itself is `reference_coordinator`.
 
-With real SuperNodes: ``flwr run`` with this app and the keys of
-`reference_run_config.ReferenceRunConfig` as run config. In simulation
+With real SuperNodes: ``flwr run`` of the app `app_dir.write_reference_app_dir` writes (it
+declares every key of `reference_run_config.ReferenceRunConfig`) with ``--run-config``
+(docs/FEDERATED_REFERENCE.md; tests/test_federated_reference_deploy.py). In simulation
 (``fedarches atlas build-federated``), `server_app` closes over the validated config,
 since ``run_simulation`` passes no run config.
 """
