@@ -3,7 +3,8 @@
 pooled one: tests/test_federated_reference_genes.py).
 
 For each split: the reference studies go to sites (CellBench: one study per site, 3 sites;
-PBMC: one chemistry per site, 2 sites), the build runs in a Flower simulation, version 1 is
+PBMC: one chemistry per site, 2 sites; generated ``gen-iid`` / ``gen-noniid``: one study per
+site, 5 sites, see `generated`), the build runs in a Flower simulation, version 1 is
 exported, and the held-out query is mapped onto it exactly as onto the centralized model
 (``map_query``, same seed and epochs). Reported: known-type accuracy and held-out detection of
 that mapping, kNN purity and EBM of the query latent, rounds x local epochs, bytes per site
@@ -12,6 +13,7 @@ per round (each direction), wall time, and the 1-minute load average beside each
     PYTHONPATH=src FEDARCHES_DATA=../shared/data FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
       RAY_USAGE_STATS_ENABLED=0 .venv/bin/python benchmarks/federated_reference.py \
       --splits cellbench,pbmc --models trvae,nb --rounds 40 --local-epochs 5 --work /tmp/fedref-bench
+    ... --splits gen-iid,gen-noniid --models trvae --n-genes 500 --rounds 30 --local-epochs 5
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import tomli_w
 
 from fedarches.config import TrainConfig
+from fedarches.data.simulate import cell_type_names, simulate, study_names
 from fedarches.data.splits import CELLBENCH, PBMC_HOLDOUT, Split
 from fedarches.format.signing import keygen
 from fedarches.mapping import write_h5ad
@@ -38,6 +41,40 @@ SPLITS: dict[str, Split] = {"cellbench": CELLBENCH, "cellbench2": CELLBENCH, "pb
 #: which reference studies each site holds (default: one study per site). "cellbench2": two
 #: studies at one site, so trVAE's MMD among a site's own studies has something to compare.
 LAYOUTS: dict[str, list[list[str]]] = {"cellbench2": [["CELseq2_3cl", "Dropseq_3cl"], ["CELseq2_5cl_p1"]]}
+#: generated 5-site regimes: how many of the reference's known types each site misses
+GENERATED: dict[str, int] = {"gen-iid": 0, "gen-noniid": 2}
+GEN_SITES, GEN_QUERY, GEN_CELLS_PER_STUDY, GEN_GENES, GEN_TYPES = 5, 2, 600, 1000, 6
+
+
+def generated(name: str, seed: int) -> tuple[Split, object, object]:
+    """Simulated studies (``data.simulate``): 5 reference studies, one per site, and 2 query
+    studies; the last type is in no reference study (held-out detection). "gen-iid": every site
+    holds every other type; "gen-noniid": site i misses ``GENERATED[name]`` of them in turn
+    (types i, i+1, ... mod 5), so each known type is at 3 of the 5 sites."""
+    studies, types = study_names(GEN_SITES + GEN_QUERY), cell_type_names(GEN_TYPES)
+    known, novel = types[:-1], types[-1]
+    missing = GENERATED[name]
+    held_out = {st: [novel, *(known[(i + j) % len(known)] for j in range(missing))]
+                for i, st in enumerate(studies[:GEN_SITES])}
+    adata = simulate(n_cells=GEN_CELLS_PER_STUDY * len(studies), n_genes=GEN_GENES, n_cell_types=GEN_TYPES,
+                     n_studies=len(studies), held_out=held_out, seed=seed)
+    split = Split(name=name, file="", reference_studies=tuple(studies[:GEN_SITES]),
+                  query_studies=tuple(studies[GEN_SITES:]), held_out_types=(novel,))
+    return (split, *split.apply(adata))
+
+
+def rounds_to_converge(losses: list[float], tol: float = 0.01) -> int | None:
+    """The first round after which the mean training loss changes by less than ``tol``
+    (relative) in every later round; None when it still does in the last round."""
+    if any(v is None for v in losses):
+        return None
+    steady = [abs(b - a) <= tol * abs(a) for a, b in zip(losses, losses[1:])]
+    if not steady or not steady[-1]:
+        return None
+    k = len(steady)
+    while k and steady[k - 1]:
+        k -= 1
+    return k + 1
 
 
 def _load() -> float:
@@ -98,7 +135,8 @@ def federated(ref, query, split: Split, kind: str, n_genes: int, seed: int, roun
     return {**out, "epochs": rounds * local_epochs, "rounds": rounds, "local_epochs": local_epochs,
             "seconds": round(seconds, 1), "load": load, "bytes_down_per_site_round": per_round[0]["bytes_down"],
             "bytes_up_per_site_round": int(np.mean(up)), "sites": len(tables), "genes": model.genes,
-            "loss_by_round": [r["loss"] for r in per_round], **settings}
+            "loss_by_round": [r["loss"] for r in per_round],
+            "rounds_to_converge": rounds_to_converge([r["loss"] for r in per_round]), **settings}
 
 
 def _f(v, digits: int = 3) -> str:
@@ -106,20 +144,24 @@ def _f(v, digits: int = 3) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table of benchmarks/FEDERATED_REFERENCE.md; deltas against the split's and
-    model's centralized row."""
+    """The markdown table of benchmarks/FEDERATED_REFERENCE.md; deltas against the centralized
+    row of the same split, model and seed."""
     head = ("| split | model | build | epochs (rounds x E) | accuracy known | held-out detected | kNN purity | EBM "
-            "| d acc | d det | d purity | KiB per site per round (down / up) | wall s (load) |")
+            "| d acc | d det | d purity | d EBM | KiB per site per round (down / up) | wall s (load) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    central = {(r["split"], r["model"]): r for r in rows if r["build"] == "centralized"}
+    central = {(r["split"], r["model"], r.get("seed")): r for r in rows if r["build"] == "centralized"}
     for r in rows:
-        c = central.get((r["split"], r["model"]), r)
+        c = central.get((r["split"], r["model"], r.get("seed")), r)
         fed = r["build"] != "centralized"
         d = [_f(r[k] - c[k]) if fed and r[k] is not None and c[k] is not None else "" for k in
-             ("accuracy_known", "heldout_detected", "knn_purity")]
+             ("accuracy_known", "heldout_detected", "knn_purity", "ebm")]
         ep = f"{r['epochs']} ({r['rounds']} x {r['local_epochs']})" if fed else f"{r['epochs']} (early stop)"
+        steady = rounds_to_converge(r.get("loss_by_round") or []) if fed else None
+        if steady:
+            ep += f"; loss steady from round {steady}"
         kib = f"{r['bytes_down_per_site_round'] / 1024:.0f} / {r['bytes_up_per_site_round'] / 1024:.0f}" if fed else ""
-        lines.append(f"| {r['split']} | {r['model']} | {r['build']} | {ep} | {_f(r['accuracy_known'])} | "
+        name = r["split"] + (f" (seed {r['seed']})" if "seed" in r else "")
+        lines.append(f"| {name} | {r['model']} | {r['build']} | {ep} | {_f(r['accuracy_known'])} | "
                      f"{_f(r['heldout_detected'])} | {_f(r['knn_purity'])} | {_f(r['ebm'])} | {' | '.join(d)} | {kib} | "
                      f"{r['seconds']} ({r['load']}) |")
     return "\n".join(lines)
@@ -152,11 +194,14 @@ def main() -> None:
                 "fedprox": {"strategy": "fedprox"}}
     rows = []
     for name in args.splits.split(","):
-        split = SPLITS[name]
-        ref, query = split.load(Path(os.environ.get("FEDARCHES_DATA", "../shared/data")) / split.file)
+        if name in GENERATED:
+            split, ref, query = generated(name, args.seed)
+        else:
+            split = SPLITS[name]
+            ref, query = split.load(Path(os.environ.get("FEDARCHES_DATA", "../shared/data")) / split.file)
         for kind in args.models.split(","):
             c = centralized(ref, query, split, kind, args.n_genes, args.seed, args.query_epochs)
-            rows.append({"split": name, "model": kind, "build": "centralized", **c})
+            rows.append({"split": name, "model": kind, "build": "centralized", "seed": args.seed, **c})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "genes"}), flush=True)
             for v in args.variants.split(","):
                 if (v == "mmd-none" and kind != "trvae") or (v == "bn-local" and kind != "nb"):
@@ -165,7 +210,7 @@ def main() -> None:
                               args.work / f"{name}-{kind}-{v}", args.query_epochs, LAYOUTS.get(name),
                               **variants[v])
                 f["same_genes"] = f.pop("genes") == c["genes"]
-                rows.append({"split": name, "model": kind, "build": f"federated/{v}", **f})
+                rows.append({"split": name, "model": kind, "build": f"federated/{v}", "seed": args.seed, **f})
                 print(json.dumps(rows[-1]), flush=True)
             c.pop("genes", None)
     if args.out:
