@@ -7,13 +7,14 @@ shared weights (so slices trained against other weights never join them), it hol
 exactly the studies the site declared in the statistics exchange, with this
 model's shapes. The label parts are merged by label name (``ClassSummaries.merged``,
 largest site first, so a label's calibration comes from the site with most cells
-that introduced it) and put in the label order of the model's classifier.
+that introduced it), every label kept as the reference's own (`merged_summaries`), and
+put in the label order of the model's classifier.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,18 +68,37 @@ def verify_slices(data: bytes, *, site: str, studies: Sequence[str], atlas: str,
 
 
 def merged_summaries(slices: Sequence[SiteSlices], categories: Sequence[str]) -> ClassSummaries | None:
-    """The sites' class summaries merged by label name, in the classifier's label order."""
+    """The sites' class summaries merged by label name (largest site first), in the
+    classifier's label order (`merge_reference_summaries`)."""
     parts = [(s.n_cells, s.site, s.bundle) for s in slices if s.bundle.manifest.labels]
+    return merge_reference_summaries(
+        [ClassSummaries.from_state({k: v.numpy() for k, v in b.label_tensors().items()}, list(b.manifest.labels))
+         for _, _, b in sorted(parts, key=lambda p: (-p[0], p[1]))], categories)
+
+
+def merge_reference_summaries(parts: Sequence[ClassSummaries], categories: Sequence[str]) -> ClassSummaries | None:
+    """``parts`` merged in this order by label name, restricted to ``categories`` (in that order).
+
+    ``ClassSummaries.merged`` marks a label that a later part introduces as added by a site
+    after the reference (``MODE_SITE``), and the query-shift guard then reads scores only
+    against the first part's labels. Here every label is the reference's own, trained by
+    this model and calibrated at a site that holds it, so each keeps the calibration mode
+    its site fitted. Why: with non-IID sites the largest site lacks some types, the guard
+    took every query cell of those as a shifted state and divided all novelty scores by
+    ~1.5, hiding the never-seen type (benchmarks/FEDERATED_REFERENCE.md, gen-noniid)."""
     merged: ClassSummaries | None = None
-    for _, _, b in sorted(parts, key=lambda p: (-p[0], p[1])):
-        state = {k: v.numpy() for k, v in b.label_tensors().items()}
-        part = ClassSummaries.from_state(state, list(b.manifest.labels))
+    modes: dict[str, int] = {}
+    for part in parts:
+        for label, mode in zip(part.label_categories, part.thresholds.label_calibration_mode):
+            modes.setdefault(label, int(mode))  # the calibration of the part that introduced it
         merged = part if merged is None else merged.merged(part)
     if merged is None:
         return None
     missing = sorted(set(categories) - set(merged.label_categories))
     if missing:
         raise ContributionContentError(f"contribution content check failed: no site summarised labels {missing}")
+    own = np.array([modes[c] for c in merged.label_categories], dtype=np.int64)
+    merged = replace(merged, thresholds=replace(merged.thresholds, label_calibration_mode=own))
     return merged.restricted(list(categories))
 
 
@@ -122,4 +142,4 @@ def weighted_mean(parts: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> dict
     return {k: v.numpy() for k, v in aggregate_arrayrecords(records, "num-examples").items()}
 
 
-__all__ = ["SiteSlices", "assemble_module", "merged_summaries", "save_reference", "verify_slices", "weighted_mean"]
+__all__ = ["SiteSlices", "assemble_module", "merge_reference_summaries", "merged_summaries", "save_reference", "verify_slices", "weighted_mean"]
