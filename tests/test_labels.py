@@ -423,7 +423,12 @@ def test_classifier_probabilities_make_the_call_and_the_novelty_tests_stay():
     plain = lt.predict(zq)
     assert (res.knn_prediction == lt.label_categories[2]).all()
     np.testing.assert_allclose(res.uncertainty, 0.1, rtol=1e-5)
-    np.testing.assert_array_equal(res.novelty_score, plain.novelty_score)  # thresholds follow the neighbours
+    # the distance thresholds follow the neighbours, the class-Gaussian test ignores the call
+    np.testing.assert_array_equal(res.distance_score, plain.distance_score)
+    np.testing.assert_array_equal(res.gaussian_score, plain.gaussian_score)
+    # without the query adaptation the score is the reference-calibrated one, whoever calls
+    fixed = lt.predict(zq, classifier_probabilities=probs, adapt_to_query=False)
+    np.testing.assert_array_equal(fixed.novelty_score, lt.predict(zq, adapt_to_query=False).novelty_score)
     with pytest.raises(LatentError):
         lt.predict(zq, classifier_probabilities=probs[:, :2])
 
@@ -476,3 +481,32 @@ def test_label_thresholds_are_measured_on_new_cells_and_small_labels_stay_tight(
 
     assert g.thresholds[3] > in_sample(3)  # cross-validated: wider than in-sample
     assert g.thresholds[4] == pytest.approx(in_sample(4))  # small: in-sample, conservative
+
+
+def test_population_of_a_label_decides_and_a_lone_cell_needs_a_clear_margin():
+    """The query-adapted score: a known type's edge cell just above its threshold is not
+    flagged alone (its label's query neighbours are calm); a new population just above
+    the threshold is; an unsure call lifts the score (labels/query_shift.py)."""
+    from fedarches.labels.query_shift import ISOLATED_FACTOR, adapted_scores, study_groups
+
+    rng = np.random.default_rng(1)
+    known = rng.normal(0.0, 1.0, (300, 5))
+    new = rng.normal(6.0, 0.5, (60, 5))
+    z = np.vstack([known, new])
+    raw = np.r_[np.full(300, 0.5), np.full(60, 1.1)]
+    raw[7] = 1.2  # an edge cell of the known type, just beyond its threshold
+    raw[9] = ISOLATED_FACTOR * 1.1  # far beyond: flagged on its own
+    codes = np.zeros(len(z), dtype=np.int64)  # everything gets the known type's label
+    calm = np.zeros(len(z))
+    groups = study_groups(None, len(z))
+    score, shift = adapted_scores(z, raw, calm, codes, groups, reference_median=0.5)
+    assert np.all(shift == 1.0)
+    assert score[7] < 1.0 and score[9] > 1.0
+    assert np.all(score[300:] > 1.0)
+    # an unsure call needs less distance: the same new cells at 0.8 are flagged only when unsure
+    raw2 = raw.copy()
+    raw2[300:] = 0.8
+    unsure = calm.copy()
+    unsure[300:] = 0.6
+    assert np.all(adapted_scores(z, raw2, calm, codes, groups, 0.5)[0][300:] < 1.0)
+    assert np.all(adapted_scores(z, raw2, unsure, codes, groups, 0.5)[0][300:] > 1.0)

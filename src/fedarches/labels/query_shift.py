@@ -13,10 +13,18 @@ type in a new state" from "a type the reference lacks":
   farther than the reference keeps the reference calibration). A type the
   reference lacks is a minority and barely moves the median.
 * a new type forms a population: its cells' query neighbours are new too. The
-  median score of a cell's ``k`` nearest query cells (same study) is a second,
-  smoother statistic; it rescues cells of a new population that sit just inside
-  the threshold after the division above, and it never fires for an isolated
-  cell of a known type.
+  median score of a cell's ``k`` nearest query cells of the same study *and the
+  same predicted label* is the statistic that decides; a cell's own score decides
+  alone only when it exceeds the threshold ``ISOLATED_FACTOR`` times over. A known
+  type in a new state moves as a whole and keeps its label, so its population
+  median stays low while single cells at its edge scatter above the threshold
+  (those were most false alarms); restricting the neighbours to the cell's label
+  keeps a small known type next to a new one (PBMC's dendritic cells next to the
+  held-out B cells) from inheriting its neighbours' scores.
+* a new type placed between known types gets a label the classifier is unsure of,
+  while a shifted known type keeps a confident one: the score is multiplied by
+  ``1 + UNCERTAINTY_WEIGHT * (1 - max p)`` before the guard, so an unsure call needs
+  less distance to count as new.
 
 docs/LABELS.md has the measurements behind the choice.
 """
@@ -31,6 +39,9 @@ from fedarches.neighbours import label_strings
 
 MIN_SHIFT_CELLS = 50  # fewer query cells of one study cannot place their own median
 NEIGHBOURS = 15  # query neighbours of the population statistic
+MIN_POPULATION = 20  # fewer cells of one (study, predicted label): no population statistic
+ISOLATED_FACTOR = 1.5  # a cell's own score decides alone above this many thresholds
+UNCERTAINTY_WEIGHT = 0.5  # score x (1 + this x label uncertainty)
 MAX_TREE_CELLS = 200_000  # above this, neighbours come from a seeded sample of the study
 
 
@@ -55,15 +66,34 @@ def shift_factors(raw: np.ndarray, groups: np.ndarray, reference_median: float) 
     return shift
 
 
+def adapted_scores(latent: np.ndarray, raw: np.ndarray, uncertainty: np.ndarray, codes: np.ndarray,
+                   groups: np.ndarray, reference_median: float, *, guard_score: np.ndarray | None = None,
+                   workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(novelty score, shift guard) per cell from the reference-calibrated ``raw`` score
+    (> 1: beyond its label's threshold), the call's ``uncertainty`` (1 - max p), the
+    predicted label ``codes`` and the query study ``groups``. ``guard_score``: the score
+    the guard's median is taken of, when it differs from ``raw`` (class summaries)."""
+    boost = 1.0 + UNCERTAINTY_WEIGHT * np.asarray(uncertainty, dtype=np.float64)
+    boosted = raw * boost
+    shift = shift_factors(boosted if guard_score is None else guard_score * boost, groups, reference_median)
+    own = boosted / shift
+    alone = own / ISOLATED_FACTOR
+    n_codes = int(codes.max()) + 1 if codes.size else 1
+    population = neighbourhood_median(latent, own, groups * n_codes + codes, k=NEIGHBOURS, workers=workers,
+                                      min_cells=MIN_POPULATION, fallback=alone)
+    return np.maximum(alone, population), shift
+
+
 def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndarray, *,
-                         k: int = NEIGHBOURS, workers: int = 1, seed: int = 0) -> np.ndarray:
-    """Median of ``values`` over each cell's ``k`` nearest cells of its own study (itself
-    included); studies smaller than ``MIN_SHIFT_CELLS`` keep their cells' own values."""
-    out = values.astype(np.float64).copy()
+                         k: int = NEIGHBOURS, workers: int = 1, seed: int = 0, min_cells: int = MIN_SHIFT_CELLS,
+                         fallback: np.ndarray | None = None) -> np.ndarray:
+    """Median of ``values`` over each cell's ``k`` nearest cells of its own group (itself
+    included); groups smaller than ``min_cells`` keep ``fallback`` (default: their own values)."""
+    out = (values if fallback is None else fallback).astype(np.float64).copy()
     rng = np.random.default_rng(seed)
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
-        if members.size < MIN_SHIFT_CELLS:
+        if members.size < min_cells:
             continue
         pool = members if members.size <= MAX_TREE_CELLS else np.sort(rng.choice(members, MAX_TREE_CELLS,
                                                                                  replace=False))

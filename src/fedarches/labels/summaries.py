@@ -50,7 +50,7 @@ from fedarches.labels.components import (
     mahalanobis,
 )
 from fedarches.labels.novelty import ClassGaussianNovelty
-from fedarches.labels.query_shift import neighbourhood_median, shift_factors, study_groups
+from fedarches.labels.query_shift import adapted_scores, study_groups
 from fedarches.labels.transfer import UNKNOWN, LabelTransferResult
 from fedarches.neighbours import as_latent, encode_labels, resolve_workers
 from fedarches.threads import active_threads
@@ -312,10 +312,8 @@ class ClassSummaries:
         n = q.shape[0]
         raw = np.maximum(distance_score, gaussian_score)
         if adapt and n:
-            groups = study_groups(batches, n)
-            shift = shift_factors(raw if guard_score is None else guard_score, groups, self.reference_median_score)
-            score = np.maximum(raw / shift, neighbourhood_median(q, raw / shift, groups,
-                                                                  workers=self._workers()))
+            score, shift = adapted_scores(q, raw, unc, code, study_groups(batches, n), self.reference_median_score,
+                                          guard_score=guard_score, workers=self._workers())
         else:
             shift, score = np.ones(n, dtype=np.float64), raw
         is_novel = score > 1.0

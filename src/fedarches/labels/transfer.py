@@ -32,7 +32,7 @@ from fedarches.labels.calibration import (
 )
 from fedarches.labels.knn import CHUNK, EXACT_METHOD, METHODS, NeighbourIndex, spatial_order
 from fedarches.labels.novelty import ClassGaussianNovelty
-from fedarches.labels.query_shift import neighbourhood_median, shift_factors, study_groups
+from fedarches.labels.query_shift import adapted_scores, study_groups
 from fedarches.labels.weights import label_probabilities
 from fedarches.neighbours import as_latent, encode_labels, resolve_workers
 
@@ -68,8 +68,8 @@ class LabelTransferResult:
     knn_prediction: np.ndarray  # object array of str; argmax label (the classifier's when given), always a reference label
     knn_code: np.ndarray  # int64 codes into label_categories of knn_prediction
     uncertainty: np.ndarray  # float32, 1 - max_y p(y)  (paper eq. 22)
-    novelty_score: np.ndarray  # float32; > 1 means novel: max(distance_score, gaussian_score) / query_shift,
-    # or the median of that over the cell's query neighbours if larger (adapt_to_query)
+    novelty_score: np.ndarray  # float32; > 1 means novel: max(distance_score, gaussian_score) without
+    # adapt_to_query; with it, the population score of labels/query_shift.adapted_scores
     is_novel: np.ndarray  # bool, novelty_score > 1
     is_unknown: np.ndarray  # bool, uncertain OR novel
     probabilities: np.ndarray | None = None  # float32 [n, n_labels] when requested
@@ -241,10 +241,12 @@ class KNNLabelTransfer:
         reference keeps the reference calibration exactly. ``query_batches``: the
         study of each query cell (one guard per study; default: one for all);
         studies with fewer than ``query_shift.MIN_SHIFT_CELLS`` cells keep the
-        reference calibration. With the guard, the score of a cell is also at least
-        the median guarded score of its 15 nearest query cells of the same study
-        (a new type is a population). Call it with a study's cells together, not
-        cell by cell (:mod:`fedarches.labels.query_shift`).
+        reference calibration. With the guard, a population decides: the score of a
+        cell is the median guarded score of its 15 nearest query cells of the same
+        study and predicted label, or its own score over ``ISOLATED_FACTOR`` if that is
+        larger (a new type is a population; a known type's edge cell is not), and an
+        unsure call counts more (``1 + UNCERTAINTY_WEIGHT x uncertainty``). Call it with
+        a study's cells together, not cell by cell (:mod:`fedarches.labels.query_shift`).
 
         ``classifier_probabilities`` (``n x n_labels``, columns in ``label_categories``
         order): a label-aware reference's own classifier output. It then makes the
@@ -297,10 +299,8 @@ class KNNLabelTransfer:
         gaussian_score = self.gaussian.score(q)
         raw = np.maximum(distance_score, gaussian_score)
         if adapt and n:
-            groups = study_groups(batches, n)
-            shift = shift_factors(raw, groups, self.reference_median_score)
-            population = neighbourhood_median(q, raw / shift, groups, workers=self.workers)
-            score = np.maximum(raw / shift, population)
+            score, shift = adapted_scores(q, raw, unc, code, study_groups(batches, n), self.reference_median_score,
+                                          workers=self.workers)
         else:
             shift = np.ones(n, dtype=np.float64)
             score = raw
