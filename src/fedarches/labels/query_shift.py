@@ -19,8 +19,9 @@ type in a new state" from "a type the reference lacks":
   type in a new state moves as a whole and keeps its label, so its population
   median stays low while single cells at its edge scatter above the threshold
   (those were most false alarms); restricting the neighbours to the cell's label
-  keeps a small known type next to a new one (PBMC's dendritic cells next to the
-  held-out B cells) from inheriting its neighbours' scores.
+  keeps a known type next to a new one that gets another label from inheriting its
+  neighbours' scores (a new type that takes a small known type's label still takes
+  that type's cells with it).
 * a new type placed between known types gets a label the classifier is unsure of,
   while a shifted known type keeps a confident one: the score is multiplied by
   ``1 + UNCERTAINTY_WEIGHT * (1 - max p)`` before the guard, so an unsure call needs
