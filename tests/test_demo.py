@@ -66,7 +66,7 @@ def _growth(out, sites):
 def test_demo_default_size_learns_the_held_out_type(tmp_path, capsys):
     """The default demo (3 sites, 2 rounds): site-3 shares its labels in round 1; in round 2
     sites 1 and 2 map their second study onto version 2 and get the held-out type labelled,
-    where version 1 called it unknown. About 4 minutes on 2 cores (measured: 91.6% and 89.6%)."""
+    where version 1 called it unknown. About 4 minutes on 2 cores (measured: 86.0% and 96.5%)."""
     out = tmp_path / "demo"
     code = main(["demo", "--no-plot", "--out", str(out)])
     text = capsys.readouterr().out
@@ -77,7 +77,9 @@ def test_demo_default_size_learns_the_held_out_type(tmp_path, capsys):
     by = {(r["site"], r["version"]): r for r in rows}
     assert holdout in by[("site-3", 1)]["shared"]
     for site in ("site-1", "site-2"):
-        assert by[(site, 1)]["labelled"] == 0.0 and by[(site, 1)]["unknown"] >= 0.9, rows
+        # 80%: the bar of a type as far from the known ones as A549 (issue 14). The unknown-cell rule
+        # trades a few of site-1's 50 held-out cells (86% found) for false alarms 4.4% -> 0.2%
+        assert by[(site, 1)]["labelled"] == 0.0 and by[(site, 1)]["unknown"] >= 0.8, rows
         assert by[(site, 2)]["labelled"] >= 0.8, rows
 
 

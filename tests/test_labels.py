@@ -510,3 +510,20 @@ def test_population_of_a_label_decides_and_a_lone_cell_needs_a_clear_margin():
     unsure[300:] = 0.6
     assert np.all(adapted_scores(z, raw2, calm, codes, groups, 0.5)[0][300:] < 1.0)
     assert np.all(adapted_scores(z, raw2, unsure, codes, groups, 0.5)[0][300:] > 1.0)
+
+
+def test_a_new_type_spread_thinly_over_labels_takes_its_study_population():
+    """Cells whose (study, label) is too small for a population of its own take the median
+    of their study's nearest cells, any label: a new type split into small label fragments
+    is still a population; the large known label's cells keep their own population."""
+    from fedarches.labels.query_shift import MIN_POPULATION, adapted_scores, study_groups
+
+    rng = np.random.default_rng(2)
+    known = rng.normal(0.0, 1.0, (300, 5))
+    new = rng.normal(6.0, 0.5, (60, 5))
+    z = np.vstack([known, new])
+    raw = np.r_[np.full(300, 0.5), np.full(60, 1.1)]
+    codes = np.r_[np.zeros(300, dtype=np.int64), 1 + np.arange(60) % 4]  # 4 labels of 15 new cells each
+    assert 60 // 4 < MIN_POPULATION
+    score, _ = adapted_scores(z, raw, np.zeros(len(z)), codes, study_groups(None, len(z)), reference_median=0.5)
+    assert np.all(score[300:] > 1.0) and np.all(score[:300] < 1.0)

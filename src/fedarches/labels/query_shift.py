@@ -21,7 +21,8 @@ type in a new state" from "a type the reference lacks":
   (those were most false alarms); restricting the neighbours to the cell's label
   keeps a known type next to a new one that gets another label from inheriting its
   neighbours' scores (a new type that takes a small known type's label still takes
-  that type's cells with it).
+  that type's cells with it). A label with fewer than ``MIN_POPULATION`` cells of the
+  study takes its population from the study's nearest cells, any label.
 * a new type placed between known types gets a label the classifier is unsure of,
   while a shifted known type keeps a confident one: the score is multiplied by
   ``1 + UNCERTAINTY_WEIGHT * (1 - max p)`` before the guard, so an unsure call needs
@@ -40,7 +41,7 @@ from fedarches.neighbours import label_strings
 
 MIN_SHIFT_CELLS = 50  # fewer query cells of one study cannot place their own median
 NEIGHBOURS = 15  # query neighbours of the population statistic
-MIN_POPULATION = 20  # fewer cells of one (study, predicted label): no population statistic
+MIN_POPULATION = 20  # fewer cells of one (study, predicted label): the study's population instead
 ISOLATED_FACTOR = 1.5  # a cell's own score decides alone above this many thresholds
 UNCERTAINTY_WEIGHT = 0.5  # score x (1 + this x label uncertainty)
 MAX_TREE_CELLS = 200_000  # above this, neighbours come from a seeded sample of the study
@@ -80,19 +81,27 @@ def adapted_scores(latent: np.ndarray, raw: np.ndarray, uncertainty: np.ndarray,
     own = boosted / shift
     alone = own / ISOLATED_FACTOR
     n_codes = int(codes.max()) + 1 if codes.size else 1
-    population = neighbourhood_median(latent, own, groups * n_codes + codes, k=NEIGHBOURS, workers=workers,
-                                      min_cells=MIN_POPULATION, fallback=alone)
+    by_label = groups * n_codes + codes
+    # a label with too few query cells of the study for a population of its own (a new type spread over
+    # several labels, a rare known type): the population of its study's nearest cells, whatever their label
+    _, inverse, counts = np.unique(by_label, return_inverse=True, return_counts=True)
+    few = counts[inverse.ravel()] < MIN_POPULATION
+    study = neighbourhood_median(latent, own, groups, k=NEIGHBOURS, workers=workers, fallback=alone, only=few) \
+        if few.any() else alone
+    population = neighbourhood_median(latent, own, by_label, k=NEIGHBOURS, workers=workers,
+                                      min_cells=MIN_POPULATION, fallback=study)
     return np.maximum(alone, population), shift
 
 
 def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndarray, *,
                          k: int = NEIGHBOURS, workers: int = 1, seed: int = 0, min_cells: int = MIN_SHIFT_CELLS,
-                         fallback: np.ndarray | None = None) -> np.ndarray:
+                         fallback: np.ndarray | None = None, only: np.ndarray | None = None) -> np.ndarray:
     """Median of ``values`` over each cell's ``k`` nearest cells of its own group (itself
-    included); groups smaller than ``min_cells`` keep ``fallback`` (default: their own values)."""
+    included); groups smaller than ``min_cells`` keep ``fallback`` (default: their own values).
+    ``only`` (bool per cell): compute it for these cells alone, the others keep ``fallback``."""
     out = (values if fallback is None else fallback).astype(np.float64).copy()
     rng = np.random.default_rng(seed)
-    for g in np.unique(groups):
+    for g in np.unique(groups if only is None else groups[only]):
         members = np.flatnonzero(groups == g)
         if members.size < min_cells:
             continue
@@ -100,8 +109,9 @@ def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndar
                                                                                  replace=False))
         kk = min(k, pool.size)
         tree = cKDTree(latent[pool])
-        walk = members[spatial_order(latent[members])]  # neighbouring queries walk the same nodes
-        for start in range(0, members.size, 65536):
+        asked = members if only is None else members[only[members]]
+        walk = asked[spatial_order(latent[asked])]  # neighbouring queries walk the same nodes
+        for start in range(0, walk.size, 65536):
             rows = walk[start:start + 65536]
             _, idx = tree.query(latent[rows], kk, workers=workers)
             out[rows] = np.median(values[pool][idx.reshape(rows.size, kk)], axis=1)
