@@ -88,25 +88,30 @@ def adapted_scores(latent: np.ndarray, raw: np.ndarray, uncertainty: np.ndarray,
     few = counts[inverse.ravel()] < MIN_POPULATION
     study = neighbourhood_median(latent, own, groups, k=NEIGHBOURS, workers=workers, fallback=alone, only=few) \
         if few.any() else alone
+    # each label's tree is sampled as densely as a study's would be (MAX_TREE_CELLS per study)
+    rate = min(1.0, MAX_TREE_CELLS / float(np.bincount(groups).max()))
     population = neighbourhood_median(latent, own, by_label, k=NEIGHBOURS, workers=workers,
-                                      min_cells=MIN_POPULATION, fallback=study)
+                                      min_cells=MIN_POPULATION, fallback=study, sample_rate=rate)
     return np.maximum(alone, population), shift
 
 
 def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndarray, *,
                          k: int = NEIGHBOURS, workers: int = 1, seed: int = 0, min_cells: int = MIN_SHIFT_CELLS,
-                         fallback: np.ndarray | None = None, only: np.ndarray | None = None) -> np.ndarray:
+                         fallback: np.ndarray | None = None, only: np.ndarray | None = None,
+                         sample_rate: float = 1.0) -> np.ndarray:
     """Median of ``values`` over each cell's ``k`` nearest cells of its own group (itself
     included); groups smaller than ``min_cells`` keep ``fallback`` (default: their own values).
-    ``only`` (bool per cell): compute it for these cells alone, the others keep ``fallback``."""
+    ``only`` (bool per cell): compute it for these cells alone, the others keep ``fallback``.
+    Neighbours come from a seeded sample of each group: ``sample_rate`` of its cells, never
+    more than ``MAX_TREE_CELLS`` (a denser tree costs more per query and changes no median much)."""
     out = (values if fallback is None else fallback).astype(np.float64).copy()
     rng = np.random.default_rng(seed)
     for g in np.unique(groups if only is None else groups[only]):
         members = np.flatnonzero(groups == g)
         if members.size < min_cells:
             continue
-        pool = members if members.size <= MAX_TREE_CELLS else np.sort(rng.choice(members, MAX_TREE_CELLS,
-                                                                                 replace=False))
+        size = min(MAX_TREE_CELLS, max(min_cells, int(np.ceil(sample_rate * members.size))))
+        pool = members if members.size <= size else np.sort(rng.choice(members, size, replace=False))
         kk = min(k, pool.size)
         tree = cKDTree(latent[pool])
         asked = members if only is None else members[only[members]]
