@@ -527,3 +527,21 @@ def test_a_new_type_spread_thinly_over_labels_takes_its_study_population():
     assert 60 // 4 < MIN_POPULATION
     score, _ = adapted_scores(z, raw, np.zeros(len(z)), codes, study_groups(None, len(z)), reference_median=0.5)
     assert np.all(score[300:] > 1.0) and np.all(score[:300] < 1.0)
+
+
+def test_population_trees_are_sampled_for_large_studies(monkeypatch):
+    """Above MAX_TREE_CELLS cells in a study, each label's neighbour tree is a seeded sample at
+    the study's rate: the calls stay what they are with full trees, and repeat exactly."""
+    import fedarches.labels.query_shift as qs
+
+    rng = np.random.default_rng(3)
+    z = np.vstack([rng.normal(0.0, 1.0, (300, 5)), rng.normal(6.0, 0.5, (100, 5))])
+    raw = np.r_[np.full(300, 0.5), np.full(100, 1.1)]
+    codes = np.r_[np.zeros(300, dtype=np.int64), np.ones(100, dtype=np.int64)]
+    groups, calm = qs.study_groups(None, len(z)), np.zeros(len(z))
+    full, _ = qs.adapted_scores(z, raw, calm, codes, groups, 0.5)
+    monkeypatch.setattr(qs, "MAX_TREE_CELLS", 100)  # study rate 0.25: trees of 75 and 25 cells
+    sampled, _ = qs.adapted_scores(z, raw, calm, codes, groups, 0.5)
+    again, _ = qs.adapted_scores(z, raw, calm, codes, groups, 0.5)
+    np.testing.assert_array_equal(sampled, again)
+    np.testing.assert_array_equal(sampled > 1.0, full > 1.0)
