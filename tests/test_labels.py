@@ -309,6 +309,32 @@ def test_auto_method_is_exact_for_small_references():
         KNNLabelTransfer(method="annoy")
 
 
+def test_a_large_query_searches_the_tuned_index_and_a_small_one_stays_exact(monkeypatch):
+    """With method "auto", a query of APPROX_MIN_QUERY cells or more against a reference of at
+    least QUERY_IVF_MIN_REFERENCE cells searches a tuned IVF index (built once); a smaller query
+    of the same fitted transfer still searches the exact tree, and the calls agree."""
+    pytest.importorskip("faiss")
+    import fedarches.labels.knn as knn
+
+    z, labels, studies = atlas(5, n_studies=4, n_per=900, n_small=500, a_sd=0.6, f_offset=4.0, shift_sd=0.3)
+    ref = studies != "study_3"
+    lt = KNNLabelTransfer(workers=2).fit(z[ref], labels[ref], ref_batches=studies[ref])
+    assert lt.index.ivf is None and lt.method == KNNLabelTransfer.EXACT_METHOD
+    q = z[~ref]
+    exact = lt.predict(q)
+    assert lt.index.query_ivf is None  # below the query size: nothing built
+    monkeypatch.setattr(knn, "APPROX_MIN_QUERY", len(q))
+    monkeypatch.setattr(knn, "QUERY_IVF_MIN_REFERENCE", int(ref.sum()))
+    large = lt.predict(q)
+    ivf = lt.index.query_ivf
+    assert ivf is not None and ivf.label_agreement >= 0.995 and ivf.recall_novelty >= 0.95
+    assert "faiss IndexIVFFlat" in lt.index.query_description(len(q))
+    assert (large.prediction == exact.prediction).mean() >= 0.99
+    assert (large.is_unknown == exact.is_unknown).mean() >= 0.99
+    assert lt.index.for_query(len(q) - 1) is None  # one cell fewer: the exact tree again
+    assert np.array_equal(lt.predict(q).novelty_score, large.novelty_score)  # built once, repeatable
+
+
 def test_k_is_capped_so_a_small_label_can_win_its_cells():
     rng = np.random.default_rng(0)
     big = rng.normal(0.0, 1.0, (400, 10))
@@ -531,7 +557,8 @@ def test_a_new_type_spread_thinly_over_labels_takes_its_study_population():
 
 def test_population_trees_are_sampled_for_large_studies(monkeypatch):
     """Above MAX_TREE_CELLS cells in a study, each label's neighbour tree is a seeded sample at
-    the study's rate: the calls stay what they are with full trees, and repeat exactly."""
+    the study's rate, searched (1 + SAMPLED_EPS)-approximately: the calls stay what they are with
+    full, exact trees, and repeat exactly."""
     import fedarches.labels.query_shift as qs
 
     rng = np.random.default_rng(3)

@@ -88,22 +88,35 @@ def check_values(
     check_signal(x, conditions, what=what)
 
 
+#: entries checked at a time: whole-array temporaries of a million-cell matrix (hundreds of
+#: millions of entries) cost more in page faults than the checks themselves (docs/SPEED.md)
+CHECK_CHUNK = 1 << 20
+
+
 def _check_entries(data: np.ndarray, *, require_integers: bool, what: str) -> None:
     if data.size == 0:
         return
-    finite = np.isfinite(data)
-    if not finite.all():
-        n_bad = int((~finite).sum())
+    exact_integers = np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_
+    for start in range(0, data.size, CHECK_CHUNK):
+        _check_chunk(data[start:start + CHECK_CHUNK], data, exact_integers=exact_integers,
+                     require_integers=require_integers, what=what)
+
+
+def _check_chunk(chunk: np.ndarray, data: np.ndarray, *, exact_integers: bool, require_integers: bool,
+                 what: str) -> None:
+    """One chunk of ``data``'s entries; a failure is reported for the whole of ``data``."""
+    if not exact_integers and not np.isfinite(chunk).all():
+        n_bad = int(sum(int((~np.isfinite(data[s:s + CHECK_CHUNK])).sum()) for s in range(0, data.size, CHECK_CHUNK)))
         raise CountValueError(f"count value check failed: {what} contains {n_bad} NaN or infinite values; remove or impute them first")
-    if (data < 0).any():
+    if chunk.min() < 0:
         raise CountValueError(
             f"count value check failed: {what} contains negative values (min {float(data.min()):g}); fedarches expects raw counts, "
             "not scaled or centred data (use the raw counts layer with --layer)"
         )
-    if require_integers:
-        frac = np.abs(data - np.rint(data))
+    if require_integers and not exact_integers:
+        frac = np.abs(chunk - np.rint(chunk))
         if (frac > 1e-3).any():
-            example = float(data[frac > 1e-3][0])
+            example = float(chunk[frac > 1e-3][0])
             raise CountValueError(
                 f"count value check failed: {what} contains non-integer values (e.g. {example:g}) but the NB model needs raw "
                 "integer counts; pass the counts layer with --layer, or use --model trvae for "

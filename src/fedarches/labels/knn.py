@@ -23,12 +23,17 @@ from fedarches.labels.weights import label_probabilities
 from fedarches.neighbours import drop_self, kd_tree
 from fedarches.threads import policy_workers
 
-__all__ = ["APPROX_MIN_REFERENCE", "EXACT_METHOD", "METHODS", "IVFIndex", "NeighbourIndex", "spatial_order"]
+__all__ = ["APPROX_MIN_QUERY", "APPROX_MIN_REFERENCE", "EXACT_METHOD", "METHODS", "IVFIndex", "NeighbourIndex", "spatial_order"]
 
 EXACT_METHOD = "scipy.spatial.cKDTree (exact Euclidean kNN)"
 METHODS = ("auto", "exact", "ivf")
 # Approximate kNN (faiss IndexIVFFlat) from this many reference cells on, with method="auto".
 APPROX_MIN_REFERENCE = 200_000
+# ... and for a query of this many cells against a reference of at least QUERY_IVF_MIN_REFERENCE:
+# the exact search costs per query cell (k = 50 neighbours), so a million query cells took 44 s of
+# exact search against 50,000 reference cells and 11 s with the tuned index (docs/SPEED.md)
+APPROX_MIN_QUERY = 200_000
+QUERY_IVF_MIN_REFERENCE = 10_000
 CHUNK = 65_536  # query cells per kNN call: bounds memory to ~60 MB per chunk at k=50
 _ORDER_MIN = 20_000  # below this, sorting queries spatially costs more than it saves
 
@@ -193,8 +198,12 @@ class NeighbourIndex:
                  workers: int, eps: float, method: str, seed: int) -> None:
         self.workers = workers
         self.eps = eps
+        self.method = method
         self.tree = kd_tree(latent)
         self.ivf: IVFIndex | None = None
+        # built on the first query of APPROX_MIN_QUERY cells or more (method "auto"), used by such queries only
+        self.query_ivf: IVFIndex | None = None
+        self._ivf_args = (latent, codes, n_labels, k, k_novelty, seed)
         if method == "ivf" or (method == "auto" and latent.shape[0] >= APPROX_MIN_REFERENCE and eps == 0.0):
             try:
                 self.ivf = IVFIndex(latent, self.tree, codes, n_labels, k, k_novelty, workers, seed)
@@ -206,11 +215,39 @@ class NeighbourIndex:
                               stacklevel=4)
         self.description = self.ivf.describe() if self.ivf is not None else EXACT_METHOD
 
-    def knn(self, points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest reference cells of ``points`` (one chunk)."""
-        if self.ivf is None:
+    def for_query(self, n_points: int) -> IVFIndex | None:
+        """The approximate index a query of ``n_points`` cells searches, or None (exact tree).
+
+        With method "auto", a large query against a mid-sized reference gets the same tuned
+        IVF index a large reference has (built once, here); smaller queries stay exact, so
+        the thresholds, calibrated with the exact search, meet the search they were made with
+        wherever that costs little."""
+        if self.ivf is not None:
+            return self.ivf
+        if (self.method != "auto" or self.eps != 0.0 or n_points < APPROX_MIN_QUERY
+                or self.tree.n < QUERY_IVF_MIN_REFERENCE):
+            return None
+        if self.query_ivf is None:
+            latent, codes, n_labels, k, k_novelty, seed = self._ivf_args
+            try:
+                self.query_ivf = IVFIndex(latent, self.tree, codes, n_labels, k, k_novelty, self.workers, seed)
+            except ImportError:
+                return None
+        return self.query_ivf
+
+    def query_description(self, n_points: int) -> str:
+        """The search a query of ``n_points`` cells gets (see :meth:`for_query`)."""
+        ivf = self.for_query(n_points)
+        return self.description if ivf is None or ivf is self.ivf else (
+            f"{self.description}; queries of {APPROX_MIN_QUERY:,}+ cells: {ivf.describe()}")
+
+    def knn(self, points: np.ndarray, k: int, ivf: IVFIndex | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest reference cells of ``points`` (one chunk); ``ivf``: :meth:`for_query`'s
+        index for the whole query (default: the reference's own choice)."""
+        ivf = self.ivf if ivf is None else ivf
+        if ivf is None:
             return _tree_query(self.tree, points, k, self.workers, self.eps)
-        d, i = self.ivf.search(points, k)
+        d, i = ivf.search(points, k)
         self._exact_where_short(self.tree, points, d, i, k)
         return d, i
 

@@ -45,6 +45,9 @@ MIN_POPULATION = 20  # fewer cells of one (study, predicted label): the study's 
 ISOLATED_FACTOR = 1.5  # a cell's own score decides alone above this many thresholds
 UNCERTAINTY_WEIGHT = 0.5  # score x (1 + this x label uncertainty)
 MAX_TREE_CELLS = 200_000  # above this, neighbours come from a seeded sample of the study
+#: a sampled group's neighbours are (1 + eps)-approximate: its tree is a sample anyway, and the
+#: exact search was 3/4 of the population step at a million cells (docs/LABELS.md)
+SAMPLED_EPS = 0.5
 
 
 def study_groups(batches: object | None, n: int) -> np.ndarray:
@@ -103,7 +106,9 @@ def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndar
     included); groups smaller than ``min_cells`` keep ``fallback`` (default: their own values).
     ``only`` (bool per cell): compute it for these cells alone, the others keep ``fallback``.
     Neighbours come from a seeded sample of each group: ``sample_rate`` of its cells, never
-    more than ``MAX_TREE_CELLS`` (a denser tree costs more per query and changes no median much)."""
+    more than ``MAX_TREE_CELLS`` (a denser tree costs more per query and changes no median much);
+    in a sampled group they are ``SAMPLED_EPS``-approximate (cKDTree's ``eps``: each within
+    ``1 + eps`` of the true k-th distance), an unsampled group's are exact."""
     out = (values if fallback is None else fallback).astype(np.float64).copy()
     rng = np.random.default_rng(seed)
     for g in np.unique(groups if only is None else groups[only]):
@@ -111,13 +116,15 @@ def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndar
         if members.size < min_cells:
             continue
         size = min(MAX_TREE_CELLS, max(min_cells, int(np.ceil(sample_rate * members.size))))
-        pool = members if members.size <= size else np.sort(rng.choice(members, size, replace=False))
+        sampled = members.size > size
+        pool = np.sort(rng.choice(members, size, replace=False)) if sampled else members
+        eps = SAMPLED_EPS if sampled else 0.0
         kk = min(k, pool.size)
         tree = cKDTree(latent[pool])
         asked = members if only is None else members[only[members]]
         walk = asked[spatial_order(latent[asked])]  # neighbouring queries walk the same nodes
         for start in range(0, walk.size, 65536):
             rows = walk[start:start + 65536]
-            _, idx = tree.query(latent[rows], kk, workers=workers)
+            _, idx = tree.query(latent[rows], kk, workers=workers, eps=eps)
             out[rows] = np.median(values[pool][idx.reshape(rows.size, kk)], axis=1)
     return out

@@ -268,9 +268,10 @@ class KNNLabelTransfer:
         stat = np.empty(n, dtype=np.float64)
         probs = np.empty((n, n_labels), dtype=np.float32) if return_probabilities else None
         order = spatial_order(q)
+        ivf = self.index.for_query(n)
         for start in range(0, n, CHUNK):
             sel = order[start:start + CHUNK]
-            d, i = self.index.knn(q[sel], kq)
+            d, i = self.index.knn(q[sel], kq, ivf)
             p = label_probabilities(d[:, :self.k], self.ref_codes[i[:, :self.k]], n_labels)
             best = p.argmax(axis=1)
             code[sel] = best
