@@ -16,6 +16,8 @@ of ``KNNLabelTransfer``; "raw" = the larger of the distance and Gaussian scores)
 * ``reference``: raw > 1 (no adaptation to the query);
 * ``guard+population``: the rule before this change: raw / g, g the query-shift
   guard, or the median of that over the cell's 15 nearest query cells, if larger;
+* ``unlifted``: the default before the population's lift was capped: ``default`` with
+  ``query_shift.POPULATION_LIFT`` = infinity (a population could raise any cell's score);
 * ``default``: ``KNNLabelTransfer.predict`` as it is now (``labels/query_shift.py``).
 
 Scores per (split, model): known-type accuracy (a known cell called unknown is
@@ -38,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 WORK = HERE / "work" / "novelty"
 SPLITS = ("cellbench", "pbmc", "pbmc-cd16", "sim-technical", "sim-state", "sim-state-strong")
-RULES = ("reference", "guard+population", "default")
+RULES = ("reference", "guard+population", "unlifted", "default")
 
 
 def _npz(split: str, kind: str, seed: int) -> Path:
@@ -110,6 +112,7 @@ def score_rules(path: Path) -> dict[str, dict[str, Any]]:
     import numpy as np
 
     from fedarches.labels import KNNLabelTransfer
+    from fedarches.labels import query_shift
     from fedarches.labels.query_shift import neighbourhood_median, shift_factors
 
     d = np.load(path, allow_pickle=False)
@@ -118,18 +121,24 @@ def score_rules(path: Path) -> dict[str, dict[str, Any]]:
                                          label_categories=cats)
     probs = d["p_q"] if d["p_q"].size else None
     res = lt.predict(d["z_q"], classifier_probabilities=probs)
+    lift, query_shift.POPULATION_LIFT = query_shift.POPULATION_LIFT, float("inf")
+    try:
+        unlifted = lt.predict(d["z_q"], classifier_probabilities=probs)
+    finally:
+        query_shift.POPULATION_LIFT = lift
     uncertain = res.uncertainty > lt.uncertainty_threshold
     raw = np.maximum(res.distance_score, res.gaussian_score).astype(np.float64)
     study = np.zeros(len(raw), dtype=np.int64)
     g = shift_factors(raw, study, lt.reference_median_score)
     old = np.maximum(raw / g, neighbourhood_median(d["z_q"], raw / g, study))
-    calls = {"reference": raw, "guard+population": old, "default": res.novelty_score.astype(np.float64)}
+    calls = {"reference": raw, "guard+population": old, "unlifted": unlifted.novelty_score.astype(np.float64),
+             "default": res.novelty_score.astype(np.float64)}
     labels = d["q_labels"].astype(str)
     known = np.isin(labels, cats)
     held = sorted(set(labels) - set(cats))
     out = {}
     for rule, s in calls.items():
-        unknown = (s > 1.0) | uncertain if rule != "default" else res.is_unknown
+        unknown = {"default": res.is_unknown, "unlifted": unlifted.is_unknown}.get(rule, (s > 1.0) | uncertain)
         correct = (res.knn_prediction.astype(str) == labels) & ~unknown
         out[rule] = {"accuracy_known": float(correct[known].mean()), "known_called_unknown": float(unknown[known].mean()),
                      "held_out": {h: {"called_unknown": float(unknown[labels == h].mean()),

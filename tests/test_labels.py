@@ -572,3 +572,23 @@ def test_population_trees_are_sampled_for_large_studies(monkeypatch):
     again, _ = qs.adapted_scores(z, raw, calm, codes, groups, 0.5)
     np.testing.assert_array_equal(sampled, again)
     np.testing.assert_array_equal(sampled > 1.0, full > 1.0)
+
+def test_a_population_confirms_a_cell_near_its_threshold_but_never_overrules_one_inside_it():
+    """A small known type whose label a new type also takes (PBMC's dendritic cells, which the
+    held-out B cells were called) keeps its calls: the population lifts a cell's score to at
+    most POPULATION_LIFT times its own, so a cell well inside its threshold stays known while a
+    cell near it, among new neighbours, is flagged."""
+    from fedarches.labels.query_shift import POPULATION_LIFT, adapted_scores, study_groups
+
+    rng = np.random.default_rng(3)
+    known = rng.normal(0.0, 1.0, (300, 5))
+    new = rng.normal(6.0, 0.3, (60, 5))
+    small = rng.normal(6.0, 0.3, (10, 5))  # a small known type in the new type's midst, same label
+    z = np.vstack([known, new, small])
+    raw = np.r_[np.full(300, 0.5), np.full(60, 1.6), np.full(10, 0.6)]
+    raw[-1] = 0.95  # near its threshold: its new neighbours decide
+    codes = np.r_[np.zeros(300, dtype=np.int64), np.ones(70, dtype=np.int64)]
+    score, _ = adapted_scores(z, raw, np.zeros(len(z)), codes, study_groups(None, len(z)), reference_median=0.5)
+    assert np.all(score[300:360] > 1.0)
+    assert np.all(score[360:369] <= POPULATION_LIFT * 0.6 + 1e-12) and np.all(score[360:369] < 1.0)
+    assert score[-1] > 1.0

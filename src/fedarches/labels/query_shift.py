@@ -18,10 +18,12 @@ type in a new state" from "a type the reference lacks":
   alone only when it exceeds the threshold ``ISOLATED_FACTOR`` times over. A known
   type in a new state moves as a whole and keeps its label, so its population
   median stays low while single cells at its edge scatter above the threshold
-  (those were most false alarms); restricting the neighbours to the cell's label
-  keeps a known type next to a new one that gets another label from inheriting its
-  neighbours' scores (a new type that takes a small known type's label still takes
-  that type's cells with it). A label with fewer than ``MIN_POPULATION`` cells of the
+  (those were most false alarms). The population confirms a cell near its
+  threshold but never overrules one well inside it: it raises a cell's score to at
+  most ``POPULATION_LIFT`` times its own, so a small known type whose label a new
+  type also takes (PBMC's dendritic cells and the held-out B cells) keeps its calls;
+  restricting the neighbours to the cell's label keeps a known type next to a new
+  one that gets another label from inheriting its neighbours' scores. A label with fewer than ``MIN_POPULATION`` cells of the
   study takes its population from the study's nearest cells, any label.
 * a new type placed between known types gets a label the classifier is unsure of,
   while a shifted known type keeps a confident one: the score is multiplied by
@@ -43,6 +45,7 @@ MIN_SHIFT_CELLS = 50  # fewer query cells of one study cannot place their own me
 NEIGHBOURS = 15  # query neighbours of the population statistic
 MIN_POPULATION = 20  # fewer cells of one (study, predicted label): the study's population instead
 ISOLATED_FACTOR = 1.5  # a cell's own score decides alone above this many thresholds
+POPULATION_LIFT = 1.25  # a population raises a cell's score to at most this many times its own
 UNCERTAINTY_WEIGHT = 0.5  # score x (1 + this x label uncertainty)
 MAX_TREE_CELLS = 200_000  # above this, neighbours come from a seeded sample of the study
 #: a sampled group's neighbours are (1 + eps)-approximate: its tree is a sample anyway, and the
@@ -95,7 +98,7 @@ def adapted_scores(latent: np.ndarray, raw: np.ndarray, uncertainty: np.ndarray,
     rate = min(1.0, MAX_TREE_CELLS / float(np.bincount(groups).max()))
     population = neighbourhood_median(latent, own, by_label, k=NEIGHBOURS, workers=workers,
                                       min_cells=MIN_POPULATION, fallback=study, sample_rate=rate)
-    return np.maximum(alone, population), shift
+    return np.maximum(alone, np.minimum(population, POPULATION_LIFT * own)), shift
 
 
 def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndarray, *,
