@@ -573,6 +573,7 @@ def test_population_trees_are_sampled_for_large_studies(monkeypatch):
     np.testing.assert_array_equal(sampled, again)
     np.testing.assert_array_equal(sampled > 1.0, full > 1.0)
 
+
 def test_a_population_confirms_a_cell_near_its_threshold_but_never_overrules_one_inside_it():
     """A small known type whose label a new type also takes (PBMC's dendritic cells, which the
     held-out B cells were called) keeps its calls: the population lifts a cell's score to at

@@ -23,8 +23,9 @@ type in a new state" from "a type the reference lacks":
   most ``POPULATION_LIFT`` times its own, so a small known type whose label a new
   type also takes (PBMC's dendritic cells and the held-out B cells) keeps its calls;
   restricting the neighbours to the cell's label keeps a known type next to a new
-  one that gets another label from inheriting its neighbours' scores. A label with fewer than ``MIN_POPULATION`` cells of the
-  study takes its population from the study's nearest cells, any label.
+  one that gets another label from inheriting its neighbours' scores. A label with
+  fewer than ``MIN_POPULATION`` cells of the study takes its population from the
+  study's nearest cells, any label.
 * a new type placed between known types gets a label the classifier is unsure of,
   while a shifted known type keeps a confident one: the score is multiplied by
   ``1 + UNCERTAINTY_WEIGHT * (1 - max p)`` before the guard, so an unsure call needs
