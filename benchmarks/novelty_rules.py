@@ -18,6 +18,8 @@ of ``KNNLabelTransfer``; "raw" = the larger of the distance and Gaussian scores)
   guard, or the median of that over the cell's 15 nearest query cells, if larger;
 * ``unlifted``: the default before the population's lift was capped: ``default`` with
   ``query_shift.POPULATION_LIFT`` = infinity (a population could raise any cell's score);
+* ``unmixed``: ``default`` without the mixed-call clusters (``query_shift.MIXED_TOP2`` = 0: no
+  query cluster counts as mixed), the rule before they were added;
 * ``default``: ``KNNLabelTransfer.predict`` as it is now (``labels/query_shift.py``).
 
 Scores per (split, model): known-type accuracy (a known cell called unknown is
@@ -40,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 WORK = HERE / "work" / "novelty"
 SPLITS = ("cellbench", "pbmc", "pbmc-cd16", "sim-technical", "sim-state", "sim-state-strong")
-RULES = ("reference", "guard+population", "unlifted", "default")
+RULES = ("reference", "guard+population", "unlifted", "unmixed", "default")
 
 
 def _npz(split: str, kind: str, seed: int) -> Path:
@@ -126,19 +128,25 @@ def score_rules(path: Path) -> dict[str, dict[str, Any]]:
         unlifted = lt.predict(d["z_q"], classifier_probabilities=probs)
     finally:
         query_shift.POPULATION_LIFT = lift
+    top2, query_shift.MIXED_TOP2 = query_shift.MIXED_TOP2, 0.0
+    try:
+        unmixed = lt.predict(d["z_q"], classifier_probabilities=probs)
+    finally:
+        query_shift.MIXED_TOP2 = top2
     uncertain = res.uncertainty > lt.uncertainty_threshold
     raw = np.maximum(res.distance_score, res.gaussian_score).astype(np.float64)
     study = np.zeros(len(raw), dtype=np.int64)
     g = shift_factors(raw, study, lt.reference_median_score)
     old = np.maximum(raw / g, neighbourhood_median(d["z_q"], raw / g, study))
     calls = {"reference": raw, "guard+population": old, "unlifted": unlifted.novelty_score.astype(np.float64),
+             "unmixed": unmixed.novelty_score.astype(np.float64),
              "default": res.novelty_score.astype(np.float64)}
     labels = d["q_labels"].astype(str)
     known = np.isin(labels, cats)
     held = sorted(set(labels) - set(cats))
     out = {}
     for rule, s in calls.items():
-        unknown = {"default": res.is_unknown, "unlifted": unlifted.is_unknown}.get(rule, (s > 1.0) | uncertain)
+        unknown = {"default": res.is_unknown, "unlifted": unlifted.is_unknown, "unmixed": unmixed.is_unknown}.get(rule, (s > 1.0) | uncertain)
         correct = (res.knn_prediction.astype(str) == labels) & ~unknown
         out[rule] = {"accuracy_known": float(correct[known].mean()), "known_called_unknown": float(unknown[known].mean()),
                      "held_out": {h: {"called_unknown": float(unknown[labels == h].mean()),

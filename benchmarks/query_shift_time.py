@@ -7,7 +7,10 @@ the query itself, the larger part of label transfer at a million cells
 (benchmarks/MAP_TIME.md). This times the current rule (``adapted_scores``: one tree per
 study and predicted label) against the previous one (the guard, then one tree per study)
 on the same generated latents: Gaussian clusters in 10 dimensions, one study, a score
-and an uncertainty per cell. Prints the seconds of each and the 1-minute load average.
+and an uncertainty per cell. Then the mixed-call clusters alone (part of the current
+rule), without a new type and with one (a label's cells given scattered calls and twice
+the score), and how many calls the approximate assignment of unsampled cells changes.
+Prints the seconds of each and the 1-minute load average.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ import time
 
 import numpy as np
 
-from fedarches.labels.query_shift import adapted_scores, neighbourhood_median, shift_factors, study_groups
+from fedarches.labels import query_shift
+from fedarches.labels.query_shift import (
+    adapted_scores,
+    mixed_cluster_scores,
+    neighbourhood_median,
+    shift_factors,
+    study_groups,
+)
 
 
 def main() -> None:
@@ -40,8 +50,27 @@ def main() -> None:
     t0 = time.perf_counter()
     adapted_scores(z, raw, unc, codes, groups, 0.6, workers=a.workers)
     current = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mixed_cluster_scores(z, raw, codes, groups, 0.6, workers=a.workers)
+    clusters_only = time.perf_counter() - t0
+    # one label's cells become a new type: calls scattered over every label, scores doubled
+    new = codes == 0
+    scattered, lifted = codes.copy(), raw.copy()
+    scattered[new], lifted[new] = rng.integers(0, a.labels, int(new.sum())), 2.0 * raw[new]
+    t0 = time.perf_counter()
+    flagged = mixed_cluster_scores(z, lifted, scattered, groups, 0.6, workers=a.workers) > 1.0
+    with_new = time.perf_counter() - t0
+    exact = (query_shift.ASSIGN_EPS, 0.0)
+    query_shift.ASSIGN_EPS = exact[1]
+    try:
+        flagged_exact = mixed_cluster_scores(z, lifted, scattered, groups, 0.6, workers=a.workers) > 1.0
+    finally:
+        query_shift.ASSIGN_EPS = exact[0]
     print(f"{a.cells:,} query cells, {a.labels} labels, {a.workers} workers, load {os.getloadavg()[0]:.2f}: "
-          f"previous rule {previous:.1f} s, current rule {current:.1f} s")
+          f"previous rule {previous:.1f} s, current rule {current:.1f} s (of which mixed-call clusters "
+          f"{clusters_only:.1f} s); with a new type of {int(new.sum()):,} cells: clusters {with_new:.1f} s, "
+          f"{flagged[new].mean():.3f} of it flagged, {int((flagged != flagged_exact).sum())} calls differ from "
+          "exact nearest-sample assignment")
 
 
 if __name__ == "__main__":

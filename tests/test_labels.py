@@ -574,6 +574,48 @@ def test_population_trees_are_sampled_for_large_studies(monkeypatch):
     np.testing.assert_array_equal(sampled > 1.0, full > 1.0)
 
 
+def test_a_query_cluster_whose_calls_scatter_is_a_new_population_and_one_split_over_two_labels_is_not():
+    """A new type has no label to map to, so its calls scatter over many labels while each of
+    its cells sits just under its threshold (the simulated unrelated type: found in 27-50% of
+    its cells on the worst seed before this rule). A known type in a new state, even one the
+    model mis-maps over two labels, is not mixed in that sense and keeps its calls; a mixed
+    cluster that scores as the reference does (T cells over CD4/CD8/NK) is not new either."""
+    from fedarches.labels import query_shift
+    from fedarches.labels.query_shift import adapted_scores, mixed_cluster_scores, study_groups
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0.0, 8.0, (4, 6))
+    z = np.vstack([rng.normal(c, 0.5, (120, 6)) for c in centres])
+    new, split, known, calm = (slice(i * 120, (i + 1) * 120) for i in range(4))
+    codes = np.zeros(480, dtype=np.int64)
+    codes[new] = rng.integers(0, 6, 120)  # calls scatter over six labels
+    codes[split] = np.r_[np.full(60, 1), np.full(60, 2)]  # a mis-mapped known type: two labels
+    codes[known] = 3
+    codes[calm] = rng.integers(3, 6, 120)  # mixed calls, but scores like the reference
+    raw = np.full(480, 0.5)
+    raw[new] = raw[split] = 0.95  # just under every threshold
+    groups = study_groups(None, 480)
+    mixed = mixed_cluster_scores(z, raw, codes, groups, reference_median=0.5)
+    assert np.all(mixed[new] > 1.0)
+    assert np.all(mixed[split] == 0.0) and np.all(mixed[known] == 0.0)
+    assert np.all((mixed[calm] > 0.0) & (mixed[calm] < 1.0))
+    # through the whole rule (the bulk of the query scores as the reference, so no shift guard)
+    bulk = raw.copy()
+    bulk[split] = 0.5
+    score, shift = adapted_scores(z, bulk, np.zeros(480), codes, groups, reference_median=0.5)
+    assert np.all(shift == 1.0)
+    assert np.all(score[new] > 1.0) and np.all(score[split] < 1.0) and np.all(score[known] < 1.0)
+    # a study larger than the clustering sample: the rest join their nearest sampled cell's cluster
+    cap, query_shift.MAX_CLUSTER_CELLS = query_shift.MAX_CLUSTER_CELLS, 200
+    try:
+        sampled = mixed_cluster_scores(z, raw, codes, groups, reference_median=0.5)
+    finally:
+        query_shift.MAX_CLUSTER_CELLS = cap
+    assert np.all(sampled[new] > 1.0) and np.all(sampled[split] == 0.0) and np.all(sampled[known] == 0.0)
+    # without a reference median (a state saved before it) the rule stays off
+    assert np.all(mixed_cluster_scores(z, raw, codes, groups, reference_median=float("nan")) == 0.0)
+
+
 def test_a_population_confirms_a_cell_near_its_threshold_but_never_overrules_one_inside_it():
     """A small known type whose label a new type also takes (PBMC's dendritic cells, which the
     held-out B cells were called) keeps its calls: the population lifts a cell's score to at

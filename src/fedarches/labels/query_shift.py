@@ -26,6 +26,14 @@ type in a new state" from "a type the reference lacks":
   one that gets another label from inheriting its neighbours' scores. A label with
   fewer than ``MIN_POPULATION`` cells of the study takes its population from the
   study's nearest cells, any label.
+* a new type has no label of its own to map to, so its calls scatter: a query
+  cluster (Leiden on the study's kNN graph) whose two most common calls cover less
+  than ``MIXED_TOP2`` of its cells and whose median score is ``MIXED_MEDIAN`` times
+  the reference median is a new population as a whole, though its cells may each
+  sit near their label's threshold. A known type in a new state keeps one label,
+  and one the model mis-maps splits over two, so neither is mixed in this sense;
+  the median keeps a mixed cluster of known types (T cells split between CD4 and
+  CD8 and NK calls) out, because known types score as the reference does.
 * a new type placed between known types gets a label the classifier is unsure of,
   while a shifted known type keeps a confident one: the score is multiplied by
   ``1 + UNCERTAINTY_WEIGHT * (1 - max p)`` before the guard, so an unsure call needs
@@ -36,6 +44,9 @@ docs/LABELS.md has the measurements behind the choice.
 
 from __future__ import annotations
 
+import random
+
+import igraph
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -52,6 +63,12 @@ MAX_TREE_CELLS = 200_000  # above this, neighbours come from a seeded sample of 
 #: a sampled group's neighbours are (1 + eps)-approximate: its tree is a sample anyway, and the
 #: exact search was 3/4 of the population step at a million cells (docs/LABELS.md)
 SAMPLED_EPS = 0.5
+MIXED_TOP2 = 0.9  # a cluster whose two most common calls cover less than this share is mixed
+MIXED_MEDIAN = 1.5  # ... and a new population when its median score is this many reference medians
+MAX_CLUSTER_CELLS = 30_000  # a larger study is clustered on a seeded sample, the rest join their nearest
+#: the other cells of a sampled study join the cluster of a sampled cell within (1 + eps) of their
+#: nearest: a boundary cell may change cluster, a population does not (benchmarks/query_shift_time.py)
+ASSIGN_EPS = 2.0
 
 
 def study_groups(batches: object | None, n: int) -> np.ndarray:
@@ -99,7 +116,75 @@ def adapted_scores(latent: np.ndarray, raw: np.ndarray, uncertainty: np.ndarray,
     rate = min(1.0, MAX_TREE_CELLS / float(np.bincount(groups).max()))
     population = neighbourhood_median(latent, own, by_label, k=NEIGHBOURS, workers=workers,
                                       min_cells=MIN_POPULATION, fallback=study, sample_rate=rate)
-    return np.maximum(alone, np.minimum(population, POPULATION_LIFT * own)), shift
+    score = np.maximum(alone, np.minimum(population, POPULATION_LIFT * own))
+    return np.maximum(score, mixed_cluster_scores(latent, own, codes, groups, reference_median,
+                                                  workers=workers)), shift
+
+
+def query_clusters(latent: np.ndarray, *, k: int = NEIGHBOURS, seed: int = 0,
+                   workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(clustered cells, their Leiden cluster): modularity Leiden (igraph) on the ``k``-NN
+    graph of one study's cells, or of a seeded sample of ``MAX_CLUSTER_CELLS`` of them.
+
+    A population that matters here has hundreds of cells, so it survives the sample,
+    and the graph stays small at a million cells. igraph's random generator is seeded
+    for the call and given back to Python's ``random`` module (igraph's default)."""
+    n = latent.shape[0]
+    rng = np.random.default_rng(seed)
+    pool = np.sort(rng.choice(n, MAX_CLUSTER_CELLS, replace=False)) if n > MAX_CLUSTER_CELLS else np.arange(n)
+    kk = min(k, pool.size - 1)
+    if kk < 1:
+        return pool, np.zeros(pool.size, dtype=np.int64)
+    _, idx = cKDTree(latent[pool]).query(latent[pool], kk + 1, workers=workers)
+    edges = np.c_[np.repeat(np.arange(pool.size), kk), idx[:, 1:].ravel()]
+    graph = igraph.Graph(n=pool.size, edges=edges)
+    graph.simplify()
+    igraph.set_random_number_generator(random.Random(seed))
+    try:
+        found = graph.community_leiden(objective_function="modularity", n_iterations=-1)
+    finally:
+        igraph.set_random_number_generator(random)
+    return pool, np.asarray(found.membership, dtype=np.int64)
+
+
+def mixed_cluster_scores(latent: np.ndarray, own: np.ndarray, codes: np.ndarray, groups: np.ndarray,
+                         reference_median: float, *, workers: int = 1) -> np.ndarray:
+    """Per cell: its query cluster's median ``own`` score over ``MIXED_MEDIAN`` reference
+    medians where the cluster's calls are mixed (its two most common labels cover less
+    than ``MIXED_TOP2``), 0 elsewhere; above 1 means a new population. Clusters of
+    fewer than ``MIN_POPULATION`` clustered cells, and every cell when there is no
+    reference median (states saved before it), get 0. In a sampled study the clusters
+    are judged on the sample; only when one is mixed do the other cells join the
+    cluster of their nearest sampled cell (``ASSIGN_EPS``-approximate), so a query
+    without a mixed population pays for the sample alone."""
+    out = np.zeros(own.shape[0], dtype=np.float64)
+    if not (np.isfinite(reference_median) and reference_median > 0):
+        return out
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        if members.size < MIN_POPULATION:
+            continue
+        pool, clusters = query_clusters(latent[members], workers=workers)
+        cells = members[pool]
+        value = np.zeros(int(clusters.max()) + 1, dtype=np.float64)
+        for c in np.unique(clusters):
+            in_c = cells[clusters == c]
+            if in_c.size < MIN_POPULATION:
+                continue
+            counts = np.sort(np.bincount(codes[in_c]))[::-1]
+            if counts[:2].sum() < MIXED_TOP2 * in_c.size:
+                value[c] = float(np.median(own[in_c])) / (MIXED_MEDIAN * reference_median)
+        if not value.any():
+            continue
+        if pool.size == members.size:
+            out[members] = value[clusters]
+            continue
+        tree = cKDTree(latent[cells])
+        for start in range(0, members.size, 65536):
+            rows = members[start:start + 65536]
+            _, nearest = tree.query(latent[rows], 1, workers=workers, eps=ASSIGN_EPS)
+            out[rows] = value[clusters[nearest]]
+    return out
 
 
 def neighbourhood_median(latent: np.ndarray, values: np.ndarray, groups: np.ndarray, *,
