@@ -79,3 +79,58 @@ def test_build_federated_refuses_an_unenrolled_site_before_any_simulation(tmp_pa
     assert main(["atlas", "build-federated", str(tmp_path / "atlas"), "--sites", str(tmp_path / "sites.toml"),
                  "--label-key", "cell_type"]) == 2
     assert "setting check failed" in capsys.readouterr().err
+
+
+def _with_embeddings(msg: Message, studies: dict[str, tuple[float, int]]) -> Message:
+    msg.content["mmd"] = ArrayRecord({**{s: Array(np.full(4, v, np.float32)) for s, (v, _) in studies.items()},
+                                      **{f"{s}/n": Array(np.array([n])) for s, (_, n) in studies.items()}})
+    return msg
+
+
+def test_study_embeddings_are_taken_out_of_the_average_and_sent_with_the_next_round(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # a ServerApp process has these; messages need them
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    s = make_strategy("fedavg", exchange_embeddings=True, k_min=20)
+    replies = [_with_embeddings(_reply(1, 1.0, 100, 1), {"a": (0.5, 100)}),
+               _with_embeddings(_reply(2, 3.0, 100, 1), {"b": (2.0, 80), "tiny": (9.0, 5)})]
+    arrays, _ = s.aggregate_train(1, replies)  # Flower's FedAvg would refuse two ArrayRecords per reply
+    assert np.allclose(arrays["w"].numpy(), 2.0)
+    assert sorted(s.embeddings) == ["a", "b"]  # a study of fewer than k_min cells is never passed on
+
+    class _Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    from flwr.app import ConfigRecord
+
+    [first, second] = s.configure_train(2, arrays, ConfigRecord({}), _Grid())
+    for msg in (first, second):
+        sent = msg.content.array_records["mmd"]
+        assert sorted(sent) == ["a", "b"] and np.allclose(sent["b"].numpy(), 2.0)
+    from fedarches.federation.reference_protocol import record_bytes
+
+    assert s.rounds[-1].bytes_down == record_bytes(arrays) + record_bytes(first.content.array_records["mmd"])
+
+
+def test_random_feature_mmd_to_a_mean_embedding_estimates_the_exact_mmd():
+    import torch
+
+    import fedarches.models.losses as losses
+
+    torch.manual_seed(0)
+    a, b = torch.randn(300, 16) * 2, torch.randn(300, 16) * 2 + 0.8
+    w, u = losses.rff_frequencies(16, 512, seed=1)
+    target = losses.rff_features(b, w, u).mean(0, keepdim=True)
+    est = losses.rff_mmd_to_targets(a, torch.zeros(300, dtype=torch.long), w, u, target)
+    kept, losses.MMD_SCALES = losses.MMD_SCALES, losses.RFF_SCALES
+    try:
+        exact = losses.mmd_between_conditions(torch.cat([a, b]), torch.cat([torch.zeros(300), torch.ones(300)]).long())
+    finally:
+        losses.MMD_SCALES = kept
+    assert abs(float(est) - float(exact)) < 0.1 * float(exact)
+    same = losses.rff_mmd_to_targets(b, torch.zeros(300, dtype=torch.long), w, u, target)
+    assert float(same) < 1e-6  # a study against its own mean embedding: no distance
+    assert float(losses.rff_mmd_to_targets(a, torch.zeros(300, dtype=torch.long), w, u, target[:0])) == 0.0

@@ -393,8 +393,9 @@ def _register_build_federated(asub: argparse._SubParsersAction) -> None:
     q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
     q.add_argument("--local-epochs", type=int, default=5, help="epochs each site trains per round")
     q.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg", help="Flower strategy")
-    q.add_argument("--mmd", choices=["local", "none"], default="local",
-                   help="trVAE: MMD among each site's own studies, or none")
+    q.add_argument("--mmd", choices=["local", "rff", "none"], default="local",
+                   help="trVAE: MMD among each site's own studies; rff: also against the other sites' studies "
+                        "through their random-feature mean embeddings (aggregates, exchanged each round); or none")
     q.add_argument("--bn", choices=["aggregate", "local"], default="aggregate",
                    help="NB batch norm: averaged every round, or kept at the sites (FedBN) and averaged at the end")
     q.add_argument("--min-sites", type=int, default=None,

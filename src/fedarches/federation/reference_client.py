@@ -14,13 +14,21 @@ import traceback
 from collections import OrderedDict
 from logging import ERROR
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from fedarches.errors import FedarchesError, ProtocolError
 from fedarches.federation.protocol import ERROR_INTERNAL, SiteConfig, site_config_from_context
-from fedarches.federation.reference_protocol import FINISH, PROTOCOL, RECORD, STATS, BuildSetup, shared_digest
+from fedarches.federation.reference_protocol import (
+    FINISH,
+    PROTOCOL,
+    RECORD,
+    RFF_RECORD,
+    STATS,
+    BuildSetup,
+    shared_digest,
+)
 from fedarches.threads import limit_process_threads
 
 app = ClientApp()
@@ -75,10 +83,14 @@ def train(msg: Message, context: Context) -> Message:
             raise RuntimeError(f"injected fault: the site crashed in round {rnd}")
         shared = msg.content.array_records["arrays"].to_torch_state_dict()
         mu = float(msg.content.config_records["config"].get("proximal-mu", 0.0))
-        out, n, loss = train_round(site, setup, dict(shared), rnd, mu=mu)
+        got = msg.content.array_records.get(RFF_RECORD)
+        targets = {k: v.numpy() for k, v in got.items()} if got is not None else None
+        out, n, loss, embeddings = train_round(site, setup, dict(shared), rnd, mu=mu, targets=targets)
         content = RecordDict({"arrays": ArrayRecord(OrderedDict(out)),
                               "metrics": MetricRecord({"num-examples": n, "round": rnd, "loss": loss,
                                                            "site-index": setup.sites.index(site.site)})})
+        if embeddings:
+            content[RFF_RECORD] = ArrayRecord({k: Array(v) for k, v in embeddings.items()})
         return Message(content=content, reply_to=msg)
     except Exception as exc:
         return _failed(msg, context, exc)

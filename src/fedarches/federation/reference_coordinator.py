@@ -133,7 +133,7 @@ def plan_build(stats: dict[int, SiteStatistics], cfg: ReferenceRunConfig, atlas:
                       model_config=config.model_dump_json(), label_key=cfg.label_key, label_categories=categories,
                       local_epochs=cfg.local_epochs, total_epochs=cfg.rounds * cfg.local_epochs, seed=cfg.seed,
                       batch_size=train.batch_size, lr=train.lr, weight_decay=train.weight_decay, k_min=cfg.k_min,
-                      bn=cfg.bn)
+                      bn=cfg.bn, mmd=cfg.mmd if config.kind == "trvae" else "none")
 
 
 def initial_arrays(setup: BuildSetup, studies: list[str]) -> ArrayRecord:
@@ -268,6 +268,7 @@ def run_reference_build(grid: Grid, run_config: ReferenceRunConfig | dict[str, A
 
         kw = {"proximal_mu": cfg.proximal_mu} if cfg.strategy == "fedprox" else {}
         strategy = make_strategy(cfg.strategy, offset=done, min_replies=cfg.min_sites, checkpoint=checkpoint,
+                                 exchange_embeddings=setup.mmd == "rff", k_min=setup.k_min,
                                  min_available_nodes=cfg.min_sites, min_train_nodes=cfg.min_sites, **kw)
         if done < cfg.rounds:
             result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - done,

@@ -13,7 +13,11 @@ Three exchanges, all plain records (no pickle, nothing per cell):
    ArrayRecord ``arrays`` (the site's shared weights after its local epochs) and
    MetricRecord ``metrics`` with ``num-examples`` (its cells: FedAvg's weight) and
    ``round`` (the round the update was built on: the coordinator refuses any other).
-   Each study's condition rows stay at its site.
+   Each study's condition rows stay at its site. With ``mmd = "rff"`` (trVAE) the
+   round's message also holds ArrayRecord ``mmd``: per study of every site, the mean
+   random-Fourier-feature embedding of its cells' first decoder layer output after the
+   previous round (`RFF_RECORD`; a mean over >= k_min cells, never a cell), and each
+   reply adds its own studies' means after its local epochs.
 3. ``query.fedarches_finish`` (arrays = the final shared weights, config as in 2).
    Reply: ConfigRecord ``fedarches`` with ``bundle``: the site's signed contribution
    bundle (``format.bundle``, the format ``site map`` writes) holding its studies'
@@ -38,6 +42,8 @@ PROTOCOL = "fedarches.reference/1"
 RECORD = "fedarches"
 STATS = "fedarches_stats"
 FINISH = "fedarches_finish"
+RFF_RECORD = "mmd"
+RFF_PER_SCALE = 64  # random features per kernel scale: 13 scales x 64 = 832 numbers per study
 STAT_FIELDS = ("mean", "variance", "variance-norm")
 #: the keys of a shared state dict that do not travel: integer counters, not weights
 LOCAL_KEYS = ("num_batches_tracked",)
@@ -68,6 +74,7 @@ class BuildSetup:
     weight_decay: float = 1e-6
     k_min: int = 10
     bn: str = "aggregate"  # batch-norm tensors: "aggregate" (FedAvg) or "local" (FedBN)
+    mmd: str = "local"  # trVAE: "local" (a site's own studies), "rff" (+ other sites' mean embeddings), "none"
 
     @property
     def digest(self) -> str:
@@ -152,4 +159,4 @@ def record_bytes(record: ArrayRecord) -> int:
 
 
 __all__ = ["BuildSetup", "SiteStatistics", "shared_digest", "record_bytes", "PROTOCOL", "STATS", "FINISH",
-           "LOCAL_KEYS"]
+           "LOCAL_KEYS", "RFF_RECORD", "RFF_PER_SCALE"]

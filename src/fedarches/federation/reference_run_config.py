@@ -32,7 +32,9 @@ class ReferenceRunConfig(BaseModel):
     seed: int = 0
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
-    mmd: Literal["local", "none"] = "local"  # trVAE: MMD among a site's own studies, or none
+    # trVAE: MMD among a site's own studies; also against the other sites' studies through
+    # their random-feature mean embeddings ("rff"); or none
+    mmd: Literal["local", "rff", "none"] = "local"
     bn: Literal["aggregate", "local"] = "aggregate"  # NB batch norm: FedAvg'd, or FedBN (averaged at the end)
     min_sites: int = Field(1, alias="min-sites", ge=1)  # sites to wait for; usable updates a round needs
     sites_timeout: int = Field(120, alias="sites-timeout", ge=0)

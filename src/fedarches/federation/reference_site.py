@@ -30,8 +30,15 @@ from fedarches.data.gene_stats import study_gene_stats
 from fedarches.data.io import read_h5ad
 from fedarches.data.validation import check_gene_names, check_shape, check_values, condition_labels, get_matrix
 from fedarches.federation.protocol import SiteConfig
-from fedarches.federation.reference_protocol import LOCAL_KEYS, STAT_FIELDS, BuildSetup, SiteStatistics
+from fedarches.federation.reference_protocol import (
+    LOCAL_KEYS,
+    RFF_PER_SCALE,
+    STAT_FIELDS,
+    BuildSetup,
+    SiteStatistics,
+)
 from fedarches.models.cvae import CVAE
+from fedarches.models.losses import rff_features, rff_frequencies, rff_mmd_to_targets
 from fedarches.training import MatrixSource
 
 
@@ -160,15 +167,56 @@ def _restrict_softmax(module: CVAE, labels: np.ndarray | None) -> torch.utils.ho
     return module.classifier.register_forward_hook(lambda _m, _i, out: out + mask)
 
 
+def _frequencies(setup: BuildSetup, module: CVAE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The build's random features: the same at every site (seeded by the build, not the site)."""
+    return rff_frequencies(module.dec_in.out_features, RFF_PER_SCALE, setup.seed * 7_919 + 17)
+
+
+def study_embeddings(module: CVAE, source: MatrixSource, studies: list[str], setup: BuildSetup,
+                     chunk: int = 4096) -> dict[str, np.ndarray]:
+    """Per study of >= k_min cells: its cells' mean random-feature embedding of the first
+    decoder layer output (posterior means), and ``<study>/n``, its cell count."""
+    w, u = _frequencies(setup, module)
+    sums = torch.zeros(len(studies), w.shape[0], dtype=torch.float64)
+    counts = np.bincount(source.condition, minlength=len(studies))
+    module.eval()
+    with torch.no_grad():
+        for start in range(0, source.n_cells, chunk):
+            kw = source.loss_kwargs(np.arange(start, min(start + chunk, source.n_cells)))
+            cond = kw["condition"]
+            mu, _ = module.encode(cond, x_in=kw.get("x_in"), projection=kw.get("projection"))  # type: ignore[arg-type]
+            first, _ = module.decode_hidden(mu, cond)  # type: ignore[arg-type]
+            sums.index_add_(0, cond, rff_features(first, w, u).double())  # type: ignore[arg-type]
+    out: dict[str, np.ndarray] = {}
+    for i, study in enumerate(studies):
+        if counts[i] >= setup.k_min:  # an aggregate of at least k_min cells, as every summary
+            out[study] = (sums[i] / counts[i]).float().numpy()
+            out[f"{study}/n"] = np.array([counts[i]], dtype=np.int64)
+    return out
+
+
 def train_round(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Tensor],
-                rnd: int, mu: float = 0.0) -> tuple[dict[str, torch.Tensor], int, float]:
+                rnd: int, mu: float = 0.0, targets: dict[str, np.ndarray] | None = None,
+                ) -> tuple[dict[str, torch.Tensor], int, float, dict[str, np.ndarray]]:
     """``setup.local_epochs`` epochs on the site's cells from the given shared weights
     (``mu`` > 0: FedProx's proximal term, mu/2 ||w - w_global||^2 on the shared weights).
+    ``targets``: the other sites' study embeddings of the previous round (``mmd = "rff"``):
+    each minibatch's studies are also pulled towards them (`rff_mmd_to_targets`).
 
-    Returns the travelling shared tensors, the number of cells (FedAvg's weight) and the
-    mean training loss; keeps the site's own tensors for the next round."""
+    Returns the travelling shared tensors, the number of cells (FedAvg's weight), the mean
+    training loss and (``mmd = "rff"``) this site's study embeddings after its epochs; keeps
+    the site's own tensors for the next round."""
     module = local_module(site, setup, shared, rnd)
     source = _source(site, setup, module)
+    rff = setup.mmd == "rff" and module.config.mmd_weight > 0
+    extra = None
+    if rff and targets:
+        others = [v for k, v in sorted(targets.items()) if not k.endswith("/n") and k not in module.conditions]
+        if others:
+            w, u = _frequencies(setup, module)
+            goal = torch.from_numpy(np.stack(others)).float()
+            def extra(first: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+                return rff_mmd_to_targets(first, condition, w, u, goal)
     cfg = module.config
     seed = _seed(setup, site.site, rnd)
     torch.manual_seed(seed)
@@ -186,7 +234,8 @@ def train_round(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
         epoch = (rnd - 1) * setup.local_epochs + e  # the global epoch: one KL warm-up for the whole build
         kl_weight = cfg.kl_weight * min(1.0, (epoch + 1) / warmup)
         for batch in minibatch_indices(rows, setup.batch_size, rng):
-            parts = module.loss(kl_weight=kl_weight, **source.loss_kwargs(batch))  # type: ignore[arg-type]
+            parts = module.loss(kl_weight=kl_weight, extra_mmd=extra,
+                                **source.loss_kwargs(batch))  # type: ignore[arg-type]
             total = parts.total
             if anchor:
                 total = total + 0.5 * mu * sum((named[k] - w).pow(2).sum() for k, w in anchor.items())
@@ -206,7 +255,8 @@ def train_round(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
     out = _state_dir(site, setup)
     make_dirs(out, PRIVATE_DIR)
     write_bytes(out / f"rows-{rnd}.safetensors", save(own))
-    return {k: state[k] for k in sorted(travel)}, int(source.n_cells), running / max(seen, 1)
+    embeddings = study_embeddings(module, source, list(module.conditions), setup) if rff else {}
+    return {k: state[k] for k in sorted(travel)}, int(source.n_cells), running / max(seen, 1), embeddings
 
 
 def final_model(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Tensor], rnd: int):
@@ -253,5 +303,6 @@ def site_bundle(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
     return bundle, bn
 
 
-__all__ = ["SiteData", "final_model", "site_bundle", "local_module", "site_data", "site_statistics", "train_round",
+__all__ = ["SiteData", "final_model", "site_bundle", "local_module", "site_data", "site_statistics",
+           "study_embeddings", "train_round",
            "travelling_keys"]

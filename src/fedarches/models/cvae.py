@@ -15,7 +15,7 @@ once per cell (``encoder_projection``) and skip it for every later epoch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +198,7 @@ class CVAE(nn.Module):
         mse: MSETerms | None = None,
         nonzeros: Nonzeros | None = None,
         labels: torch.Tensor | None = None,
+        extra_mmd: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> LossParts:
         """Training loss for a minibatch.
 
@@ -205,6 +206,8 @@ class CVAE(nn.Module):
         ``mse`` replaces ``target`` for trVAE when the output layer is frozen;
         ``nonzeros`` (NB) locates the nonzero counts of ``target`` from its CSR rows.
         ``labels``: reference label codes (-1 = unlabelled) for the classifier term.
+        ``extra_mmd(first, condition)``: a further MMD^2 on the first decoder layer's output,
+        weighted like the in-batch one (a federated site's term against other sites' studies).
         """
         c = self.config
         mu, logvar = self.encode(condition, x_in=x_in, projection=projection)
@@ -228,6 +231,8 @@ class CVAE(nn.Module):
             recon = -ll / logits.shape[0]
         kl = kl_normal(mu, logvar).mean()
         mmd = mmd_between_conditions(first, condition) if c.mmd_weight > 0 else recon.new_zeros(())
+        if extra_mmd is not None and c.mmd_weight > 0:
+            mmd = mmd + extra_mmd(first, condition)
         total = c.recon_weight * recon + kl_weight * kl + c.mmd_weight * mmd
         ce = recon.new_zeros(())
         if labels is not None and c.n_labels and c.classifier_weight > 0 and bool((labels >= 0).any()):

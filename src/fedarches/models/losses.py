@@ -233,3 +233,43 @@ def mmd_between_conditions(h: torch.Tensor, condition: torch.Tensor) -> torch.Te
     mmd = diag.unsqueeze(0) + diag.unsqueeze(1) - 2.0 * means
     pair = torch.triu_indices(n_groups, n_groups, offset=1, device=h.device)
     return mmd[pair[0], pair[1]].mean()
+
+
+#: the kernel scales an aggregate MMD keeps: the outer ones of `MMD_SCALES` are ~0 or ~1 for
+#: every pair of cells (no gradient), and their random features would only add noise
+RFF_SCALES = tuple(s for s in MMD_SCALES if 1e-2 <= s <= 1e4)
+
+
+def rff_frequencies(dim: int, per_scale: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random Fourier features of the multi-scale RBF kernel of `mmd_between_conditions`.
+
+    exp(-||a - b||^2 / (2 s)) = E[2 cos(w.a + u) cos(w.b + u)], w ~ N(0, I / s),
+    u ~ U(0, 2 pi) (Rahimi & Recht), so the mean feature of a group of cells is its kernel
+    mean embedding and MMD^2 between two groups is the squared distance of their means. Why
+    random features: two sites can then compare their studies through these means (an
+    aggregate, never a cell); seeded, so every site draws the same features."""
+    gen = torch.Generator().manual_seed(int(seed))
+    w = torch.cat([torch.randn(per_scale, dim, generator=gen) / math.sqrt(s) for s in RFF_SCALES])
+    u = torch.rand(per_scale * len(RFF_SCALES), generator=gen) * (2.0 * math.pi)
+    return w, u
+
+
+def rff_features(h: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per cell, the features whose dot product estimates the kernel summed over
+    `RFF_SCALES` (the exact MMD sums its scales too)."""
+    per_scale = w.shape[0] // len(RFF_SCALES)
+    return torch.cos(h @ w.t() + u) * math.sqrt(2.0 / per_scale)
+
+
+def rff_mmd_to_targets(h: torch.Tensor, condition: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+                       targets: torch.Tensor) -> torch.Tensor:
+    """MMD^2 (random-feature estimate, summed over `RFF_SCALES`) between every condition
+    present in the batch and every target mean embedding (``targets``: [groups, features],
+    other studies' means), averaged over the pairs."""
+    if targets.numel() == 0:
+        return h.new_zeros(())
+    present, inverse = torch.unique(condition, return_inverse=True)
+    phi = rff_features(h, w.to(h), u.to(h))
+    sums = phi.new_zeros(present.numel(), phi.shape[1]).index_add_(0, inverse, phi)
+    means = sums / torch.bincount(inverse, minlength=present.numel()).to(phi).unsqueeze(1)
+    return (means.unsqueeze(1) - targets.to(phi).unsqueeze(0)).pow(2).sum(-1).mean()
