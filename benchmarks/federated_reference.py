@@ -177,7 +177,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--query-epochs", type=int, default=None)
     p.add_argument("--variants", default="default",
-                   help="comma list of federated variants: default, mmd-none, mmd-rff, bn-local, fedprox")
+                   help="comma list of federated variants: default, mmd-local, mmd-none, mmd-rff, bn-local, fedprox, "
+                        "site-calibration, mmd-rff-site-calibration")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedref-bench"))
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--render", type=Path, default=None,
@@ -190,8 +191,9 @@ def main() -> None:
             json.loads(line) for line in text.splitlines() if line.startswith("{")]
         print(table(rows))
         return
-    variants = {"default": {}, "mmd-none": {"mmd": "none"}, "mmd-rff": {"mmd": "rff"}, "bn-local": {"bn": "local"},
-                "fedprox": {"strategy": "fedprox"}}
+    variants = {"default": {}, "mmd-local": {"mmd": "local"}, "mmd-none": {"mmd": "none"}, "mmd-rff": {"mmd": "rff"}, "bn-local": {"bn": "local"},
+                "fedprox": {"strategy": "fedprox"}, "site-calibration": {"calibration": "site"}, "cross-site-calibration": {"calibration": "cross-site"},
+                "mmd-rff-site-calibration": {"mmd": "rff", "calibration": "site"}, "default-nb": {}}
     rows = []
     for name in args.splits.split(","):
         if name in GENERATED:
@@ -204,7 +206,7 @@ def main() -> None:
             rows.append({"split": name, "model": kind, "build": "centralized", "seed": args.seed, **c})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "genes"}), flush=True)
             for v in args.variants.split(","):
-                if (v in ("mmd-none", "mmd-rff") and kind != "trvae") or (v == "bn-local" and kind != "nb"):
+                if (v.startswith("mmd-") and kind != "trvae") or (v in ("bn-local", "default-nb") and kind != "nb"):
                     continue
                 f = federated(ref, query, split, kind, args.n_genes, args.seed, args.rounds, args.local_epochs,
                               args.work / f"{name}-{kind}-{v}", args.query_epochs, LAYOUTS.get(name),

@@ -95,9 +95,23 @@ def test_version_one_is_an_ordinary_signed_reference(built, cellbench, tmp_path)
     assert sorted(version.model.label_categories) == sorted(set(ref.obs[LABEL].astype(str)))
     rounds = built["report"]["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4] and all(len(r["answered"]) == 3 for r in rounds)
-    assert all(set(r["bytes_up"].values()) == {r["bytes_down"]} for r in rounds)
+    # the shared weights each way, plus (trVAE, --mmd rff) a few KiB of study mean embeddings
+    weights = rounds[0]["bytes_down"]
+    assert all(weights <= u <= weights + 16384 for r in rounds for u in r["bytes_up"].values())
+    assert all(weights < r["bytes_down"] <= weights + 16384 for r in rounds[1:])
     out = atlas.export_model(1, tmp_path / "v1")
     assert read_atlas_version(out).id == entry.id
+    # the labels several sites hold were calibrated on every site's cells (reference_calibration)
+    cal = built["report"]["calibration"]
+    assert cal["status"] == "pooled" and m["federated_calibration"] == "pooled"
+    assert set(cal["labels"]) == {"H1975", "H2228", "HCC827"}  # H838 is at one site only
+    from fedarches.model import FedArchesModel
+
+    summaries = FedArchesModel.load(out).reference.summaries
+    cats = list(summaries.label_categories)
+    assert summaries.thresholds.calibration_counts[cats.index("H1975")] == sum(
+        (ref.obs[LABEL].astype(str) == "H1975") & ref.obs[KEY].astype(str).isin(CELLBENCH.reference_studies))
+    assert summaries.reference_median_score == cal["reference_median_score"]
 
 
 def test_site_fetch_map_and_merge_work_on_it(built, cellbench, tmp_path):

@@ -49,3 +49,30 @@ def test_a_label_no_site_summarised_is_refused():
     with pytest.raises(ContributionContentError, match="no site summarised labels"):
         merge_reference_summaries([_site(rng, ("a", "b"))], ["a", "b", "c"])
     assert merge_reference_summaries([], ["a"]) is None
+
+
+def test_a_label_no_site_holds_enough_cells_of_joins_with_no_component():
+    """The classifier knows every label a site has; one that no site could summarise
+    k-anonymously is in the label knowledge with no component and the global threshold, as
+    a central build keeps a label below k_min cells, and it is never predicted from summaries."""
+    from fedarches.labels.calibration import KIND_EMPTY
+
+    rng = np.random.default_rng(2)
+    merged = merge_reference_summaries([_site(rng, ("a", "b"))], ["a", "b", "rare"], unsummarised=["rare"])
+    assert merged.label_categories == ["a", "b", "rare"]
+    assert not (merged.components.label == 2).any()
+    t = merged.thresholds
+    assert t.label_threshold_kind[2] == KIND_EMPTY and t.label_thresholds[2] == t.global_threshold
+    assert t.calibration_counts[2] == 0 and not merged.gaussian.fitted[2]
+    query = np.vstack([_cells(rng, "a", 50), _cells(rng, "b", 50)])
+    res = merged.predict(query)
+    assert set(np.asarray(res.knn_prediction).astype(str)) <= {"a", "b"} and (res.prediction != "rare").all()
+    # a missing label that is not declared unsummarised is still refused
+    with pytest.raises(ContributionContentError, match="no site summarised labels"):
+        merge_reference_summaries([_site(rng, ("a", "b"))], ["a", "b", "c", "rare"], unsummarised=["rare"])
+
+
+def test_a_site_summarises_labels_of_half_k_min_cells_padded():
+    from fedarches.federation.reference_site import summarisable
+
+    assert summarisable(20, 20) and summarisable(10, 20) and not summarisable(9, 20)

@@ -75,6 +75,8 @@ def test_real_superlink_and_supernodes_publish_the_simulated_version(federation,
     assert result.ok, result.output[-3000:]
     rep = json.loads(report.read_text())
     assert rep["status"] == "completed" and [len(r["answered"]) for r in rep["rounds"]] == [3, 3]
+    # the calibration exchange ran over the real SuperLink too
+    assert rep["calibration"]["status"] == "pooled" and rep["calibration"]["labels"]
 
     [entry] = atlas.log()
     assert entry.number == 1 and entry.strategy == "reference"

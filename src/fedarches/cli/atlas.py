@@ -393,11 +393,16 @@ def _register_build_federated(asub: argparse._SubParsersAction) -> None:
     q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
     q.add_argument("--local-epochs", type=int, default=5, help="epochs each site trains per round")
     q.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg", help="Flower strategy")
-    q.add_argument("--mmd", choices=["local", "rff", "none"], default="local",
-                   help="trVAE: MMD among each site's own studies; rff: also against the other sites' studies "
-                        "through their random-feature mean embeddings (aggregates, exchanged each round); or none")
+    q.add_argument("--mmd", choices=["local", "rff", "none"], default="rff",
+                   help="trVAE: rff: MMD among each site's own studies and against the other sites' studies "
+                        "through their random-feature mean embeddings (aggregates, exchanged each round); "
+                        "local: among each site's own studies only; or none")
     q.add_argument("--bn", choices=["aggregate", "local"], default="aggregate",
                    help="NB batch norm: averaged every round, or kept at the sites (FedBN) and averaged at the end")
+    q.add_argument("--calibration", choices=["pooled", "cross-site", "site"], default="pooled",
+                   help="novelty thresholds of labels several sites hold, from histograms of distances after the "
+                        "last round (never a cell): pooled (every site's cells, as a central build), cross-site "
+                        "(against the other sites' components only), or site (each label's first site's own)")
     q.add_argument("--min-sites", type=int, default=None,
                    help="usable updates a round needs (default: every site)")
     q.add_argument("--round-timeout", type=int, default=600)
@@ -415,6 +420,7 @@ def cmd_build_federated(args: argparse.Namespace) -> int:
         "atlas-dir": str(Path(args.atlas_dir).resolve()), "label-key": args.label_key, "model": args.model,
         "rounds": args.rounds, "n-genes": args.n_genes, "local-epochs": args.local_epochs,
         "strategy": args.strategy, "mmd": args.mmd, "bn": args.bn, "seed": args.seed,
+        "calibration": args.calibration,
         "min-sites": args.min_sites or n_sites, "round-timeout": args.round_timeout,
         "report": str(Path(args.report).resolve()) if args.report else "",
     })

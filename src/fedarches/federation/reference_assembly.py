@@ -24,6 +24,7 @@ from fedarches.config import ModelConfig, TrainConfig
 from fedarches.errors import AtlasMismatchError, ContributionContentError, EnrollmentError, ParentError, TensorShapeError
 from fedarches.format.bundle import Bundle, read_bundle
 from fedarches.format.tensor_keys import condition_key
+from fedarches.labels.calibration import MODE_LEAVE_ONE_OUT
 from fedarches.labels.summaries import ClassSummaries
 from fedarches.models.cvae import CVAE
 from fedarches.server.registry import SiteRegistry
@@ -67,17 +68,26 @@ def verify_slices(data: bytes, *, site: str, studies: Sequence[str], atlas: str,
     return SiteSlices(site=site, studies=list(studies), n_cells=int(n_cells), bundle=b)
 
 
-def merged_summaries(slices: Sequence[SiteSlices], categories: Sequence[str]) -> ClassSummaries | None:
+def site_summaries(slices: Sequence[SiteSlices]) -> list[tuple[str, ClassSummaries]]:
+    """(site, its class summaries) of every site that sent some, largest site first."""
+    parts = [(s.n_cells, s.site, s.bundle) for s in slices if s.bundle.manifest.labels]
+    return [(site, ClassSummaries.from_state({k: v.numpy() for k, v in b.label_tensors().items()},
+                                             list(b.manifest.labels)))
+            for _, site, b in sorted(parts, key=lambda p: (-p[0], p[1]))]
+
+
+def merged_summaries(slices: Sequence[SiteSlices], categories: Sequence[str],
+                     unsummarised: Sequence[str] = ()) -> ClassSummaries | None:
     """The sites' class summaries merged by label name (largest site first), in the
     classifier's label order (`merge_reference_summaries`)."""
-    parts = [(s.n_cells, s.site, s.bundle) for s in slices if s.bundle.manifest.labels]
-    return merge_reference_summaries(
-        [ClassSummaries.from_state({k: v.numpy() for k, v in b.label_tensors().items()}, list(b.manifest.labels))
-         for _, _, b in sorted(parts, key=lambda p: (-p[0], p[1]))], categories)
+    return merge_reference_summaries([p for _, p in site_summaries(slices)], categories, unsummarised)
 
 
-def merge_reference_summaries(parts: Sequence[ClassSummaries], categories: Sequence[str]) -> ClassSummaries | None:
+def merge_reference_summaries(parts: Sequence[ClassSummaries], categories: Sequence[str],
+                              unsummarised: Sequence[str] = ()) -> ClassSummaries | None:
     """``parts`` merged in this order by label name, restricted to ``categories`` (in that order).
+    ``unsummarised``: labels of the classifier that no site holds ``k_min`` cells of; they
+    join with no component (`ClassSummaries.with_empty_labels`), as in a central build.
 
     ``ClassSummaries.merged`` marks a label that a later part introduces as added by a site
     after the reference (``MODE_SITE``), and the query-shift guard then reads scores only
@@ -94,10 +104,11 @@ def merge_reference_summaries(parts: Sequence[ClassSummaries], categories: Seque
         merged = part if merged is None else merged.merged(part)
     if merged is None:
         return None
+    merged = merged.with_empty_labels([c for c in unsummarised if c in categories])
     missing = sorted(set(categories) - set(merged.label_categories))
     if missing:
         raise ContributionContentError(f"contribution content check failed: no site summarised labels {missing}")
-    own = np.array([modes[c] for c in merged.label_categories], dtype=np.int64)
+    own = np.array([modes.get(c, MODE_LEAVE_ONE_OUT) for c in merged.label_categories], dtype=np.int64)
     merged = replace(merged, thresholds=replace(merged.thresholds, label_calibration_mode=own))
     return merged.restricted(list(categories))
 
@@ -142,4 +153,4 @@ def weighted_mean(parts: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> dict
     return {k: v.numpy() for k, v in aggregate_arrayrecords(records, "num-examples").items()}
 
 
-__all__ = ["SiteSlices", "assemble_module", "merge_reference_summaries", "merged_summaries", "save_reference", "verify_slices", "weighted_mean"]
+__all__ = ["SiteSlices", "assemble_module", "merge_reference_summaries", "merged_summaries", "site_summaries", "save_reference", "verify_slices", "weighted_mean"]

@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from fedarches.errors import FedarchesError, ProtocolError
+from fedarches.federation.reference_calibration import CALIBRATE
 from fedarches.federation.protocol import ERROR_INTERNAL, SiteConfig, site_config_from_context
 from fedarches.federation.reference_protocol import (
     FINISH,
@@ -110,5 +111,31 @@ def finish(msg: Message, context: Context) -> Message:
         if bn:
             content["bn"] = ArrayRecord(OrderedDict(bn))
         return Message(content=content, reply_to=msg)
+    except Exception as exc:
+        return _failed(msg, context, exc)
+
+
+@app.query(CALIBRATE)
+def calibrate(msg: Message, context: Context) -> Message:
+    """Histograms of the site's cells against the merged summaries (`reference_calibration`)."""
+    import numpy as np
+
+    from fedarches.federation.reference_calibration import ORIGIN, site_histograms
+    from fedarches.federation.reference_site import final_model
+    from fedarches.labels.summaries import ClassSummaries
+
+    try:
+        site = _site(context)
+        setup, rnd = _setup(msg, site)
+        state = {k: v.numpy() for k, v in msg.content.array_records["labels"].items()}
+        origin = state.pop(ORIGIN)
+        summaries = ClassSummaries.from_state(state, setup.label_categories, workers=1)
+        _, latent, d = final_model(site, setup, dict(msg.content.array_records["arrays"].to_torch_state_dict()), rnd)
+        labels = d.labels if d.labels is not None else np.full(len(latent), "", dtype=object)
+        how = msg.content.config_records["calibration"]
+        hists = site_histograms(summaries, origin, setup.sites.index(site.site), latent, labels, setup.k_min,
+                                int(how["step"]), str(how.get("statistic", "loo")))
+        return Message(content=RecordDict({"histograms": ArrayRecord({k: Array(v) for k, v in hists.items()})}),
+                       reply_to=msg)
     except Exception as exc:
         return _failed(msg, context, exc)

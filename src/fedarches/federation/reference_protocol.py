@@ -1,6 +1,6 @@
 """What coordinator and sites say to each other while they build the reference together.
 
-Three exchanges, all plain records (no pickle, nothing per cell):
+Four exchanges, all plain records (no pickle, nothing per cell):
 
 1. ``query.fedarches_stats`` (coordinator -> every site, content: ConfigRecord
    ``fedarches`` with ``protocol`` and ``label-key``). Reply: the site's name, its
@@ -23,6 +23,13 @@ Three exchanges, all plain records (no pickle, nothing per cell):
    bundle (``format.bundle``, the format ``site map`` writes) holding its studies'
    condition rows and the class summaries of its labelled cells; its ``parent`` is
    `shared_digest` of the final shared weights, which binds the slices to them.
+4. ``query.fedarches_calibrate`` (`reference_calibration`, twice; arrays as in 3,
+   ArrayRecord ``labels`` = the merged class summaries' state plus each component's
+   site, ConfigRecord ``calibration`` with ``step``). Reply: ArrayRecord ``histograms``,
+   per label counts of the site's cells' novelty statistics on one fixed logarithmic
+   grid (labels of >= k_min cells at the site; 800 bins each), so the coordinator sets
+   each label several sites hold its threshold from all their cells, as the central
+   build does from its pooled cells.
 """
 
 from __future__ import annotations

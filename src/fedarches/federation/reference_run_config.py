@@ -32,9 +32,14 @@ class ReferenceRunConfig(BaseModel):
     seed: int = 0
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.01, alias="proximal-mu", ge=0)
-    # trVAE: MMD among a site's own studies; also against the other sites' studies through
-    # their random-feature mean embeddings ("rff"); or none
-    mmd: Literal["local", "rff", "none"] = "local"
+    # trVAE: MMD among a site's own studies and against the other sites' studies through their
+    # random-feature mean embeddings ("rff"); among a site's own studies only ("local"); or none
+    mmd: Literal["local", "rff", "none"] = "rff"
+    # novelty thresholds of labels two or more sites hold, after the last round from histograms
+    # (`reference_calibration`): "pooled" (every site's cells against all the label's components,
+    # the central build's in-sample calibration), "cross-site" (against other sites' components),
+    # or "site" (each label's first site's own)
+    calibration: Literal["pooled", "cross-site", "site"] = "pooled"
     bn: Literal["aggregate", "local"] = "aggregate"  # NB batch norm: FedAvg'd, or FedBN (averaged at the end)
     min_sites: int = Field(1, alias="min-sites", ge=1)  # sites to wait for; usable updates a round needs
     sites_timeout: int = Field(120, alias="sites-timeout", ge=0)

@@ -275,6 +275,15 @@ def final_model(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
     return model, latent, d
 
 
+def summarisable(n_cells: int, k_min: int) -> bool:
+    """A label a site summarises in a reference build: ``k_min`` of its cells, or at least half
+    that, padded to ``k_min`` with its nearest cells of other labels (``small_labels =
+    "pad-drop"``, what a central build does with a small label). Why not only >= k_min: PBMC's
+    dendritic cells (16 and 2 at two sites) were then in no component, and every query DC
+    was called Unknown where the central build labels them."""
+    return 2 * n_cells >= k_min
+
+
 def site_bundle(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Tensor], rnd: int,
                 parent: str) -> tuple[bytes, dict[str, torch.Tensor]]:
     """The site's signed bundle after the last round (its condition rows and the class summaries
@@ -288,12 +297,13 @@ def site_bundle(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
     tensors = dict(model.module.condition_state(model.conditions))
     labels: list[str] = []
     counts = pd.Series(d.labels).value_counts() if d.labels is not None else pd.Series(dtype=int)
-    kept = sorted(str(k) for k, n in counts.items() if n >= setup.k_min and str(k) in setup.label_categories)
-    if kept:  # k-anonymous: only labels with >= k_min cells here, as `site map --share-labels`
+    kept = sorted(str(k) for k, n in counts.items() if summarisable(int(n), setup.k_min)
+                  and str(k) in setup.label_categories)
+    if kept:  # k-anonymous: every component stands for >= k_min cells, as in a central build
         keep = np.isin(d.labels, kept)
         summaries = ClassSummaries.fit(latent[keep], d.labels[keep], ref_batches=d.studies[keep],
                                        label_categories=kept, fpr=0.01, seed=setup.seed,
-                                       options=SummaryOptions(k_min=setup.k_min, small_labels="drop"))
+                                       options=SummaryOptions(k_min=setup.k_min, small_labels="pad-drop"))
         tensors |= {label_key(k): torch.from_numpy(np.ascontiguousarray(v)) for k, v in summaries.state().items()}
         labels = list(summaries.label_categories)
     bundle = create_bundle(key=load_site_key(site.key_dir), site=site.site, atlas=setup.atlas, parent=parent,
@@ -303,6 +313,6 @@ def site_bundle(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
     return bundle, bn
 
 
-__all__ = ["SiteData", "final_model", "site_bundle", "local_module", "site_data", "site_statistics",
+__all__ = ["SiteData", "final_model", "site_bundle", "local_module", "site_data", "site_statistics", "summarisable",
            "study_embeddings", "train_round",
            "travelling_keys"]

@@ -83,8 +83,8 @@ class _ReferenceRounds:
         self.rounds: list[RoundLog] = []
         self.exchange_embeddings = bool(exchange_embeddings)
         self.k_min = int(k_min)
-        # study -> mean embedding of the latest round that sent one (not checkpointed: a
-        # resumed run trains its first round on in-site MMD alone)
+        # study -> mean embedding of the latest round that sent one (checkpointed with the
+        # weights, so a resumed run sends the same ones)
         self.embeddings: dict[str, Array] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

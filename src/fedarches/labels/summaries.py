@@ -33,6 +33,7 @@ from fedarches.labels.calibration import (
     MODE_CROSS_STUDY,
     MODE_LEAVE_ONE_OUT,
     MODE_SITE,
+    KIND_EMPTY,
     KIND_GLOBAL,
     Thresholds,
     batch_groups,
@@ -350,6 +351,29 @@ class ClassSummaries:
         gaussian = ClassGaussianNovelty.from_state({k: np.concatenate([v, added.gaussian.state()[k][src]])
                                                     if k != "fpr" else v for k, v in self.gaussian.state().items()})
         return replace(self, label_categories=cats, components=comps, thresholds=thresholds, gaussian=gaussian)
+
+    def with_empty_labels(self, names: Sequence[str]) -> ClassSummaries:
+        """``names`` appended as labels with no component (as a label below ``k_min`` cells is in
+        a central build): the global threshold, no class Gaussian, no calibration cells. A label
+        the classifier knows but no site could summarise k-anonymously."""
+        names = [str(n) for n in names if str(n) not in self.label_categories]
+        if not names:
+            return self
+        k, t = len(names), self.thresholds
+        thresholds = Thresholds(
+            label_thresholds=np.concatenate([t.label_thresholds, np.full(k, t.global_threshold)]),
+            label_calibration_mode=np.concatenate([t.label_calibration_mode, np.full(k, MODE_LEAVE_ONE_OUT)]),
+            label_threshold_kind=np.concatenate([t.label_threshold_kind, np.full(k, KIND_EMPTY)]),
+            global_threshold=t.global_threshold, pooled_ratio_quantile=t.pooled_ratio_quantile,
+            calibration_counts=np.concatenate([t.calibration_counts, np.zeros(k, dtype=np.int64)]))
+        g = self.gaussian.state()
+        d = g["means"].shape[1]
+        gaussian = ClassGaussianNovelty.from_state({
+            "means": np.vstack([g["means"], np.zeros((k, d))]), "whiten": np.concatenate([g["whiten"], np.zeros((k, d, d))]),
+            "thresholds": np.concatenate([g["thresholds"], np.full(k, np.inf)]),
+            "fitted": np.concatenate([g["fitted"], np.zeros(k, dtype=np.uint8)]), "fpr": g["fpr"]})
+        return replace(self, label_categories=[*self.label_categories, *names], thresholds=thresholds,
+                       gaussian=gaussian)
 
     def restricted(self, names: Sequence[str]) -> ClassSummaries:
         """Only the labels ``names`` (in this order) with their components and calibration: what
