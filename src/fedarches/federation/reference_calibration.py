@@ -106,9 +106,10 @@ def site_histograms(summaries: ClassSummaries, origin: np.ndarray, me: int, late
 
 def thresholds_from_histograms(summaries: ClassSummaries, labels: np.ndarray, hists: dict[str, np.ndarray],
                                min_label_cells: int, statistic: str = "loo") -> ClassSummaries:
-    """``labels``' thresholds (components and class Gaussian) from the summed step-1 histograms of
-    ``statistic`` ("loo": every site's cells against all of the label's components, the central
-    build's in-sample calibration on the pooled cells; "cross": against the other sites' only)."""
+    """``labels``' component thresholds from the summed step-1 histograms of ``statistic``
+    ("loo": every site's cells against all of the label's components, the central build's
+    in-sample calibration on the pooled cells; "cross": against the other sites' only). Each
+    label keeps the class Gaussian of its site."""
     labels = labels[hists[statistic][labels].sum(axis=1) > 0]  # some site holds k_min cells of it
     if labels.size == 0:
         return summaries
