@@ -86,7 +86,7 @@ def merged_summaries(slices: Sequence[SiteSlices], categories: Sequence[str],
 def merge_reference_summaries(parts: Sequence[ClassSummaries], categories: Sequence[str],
                               unsummarised: Sequence[str] = ()) -> ClassSummaries | None:
     """``parts`` merged in this order by label name, restricted to ``categories`` (in that order).
-    ``unsummarised``: labels of the classifier that no site holds ``k_min`` cells of; they
+    ``unsummarised``: labels of the classifier no site could summarise (`reference_site.summarisable`); they
     join with no component (`ClassSummaries.with_empty_labels`), as in a central build.
 
     ``ClassSummaries.merged`` marks a label that a later part introduces as added by a site
