@@ -1,6 +1,7 @@
 """Novelty calibration from histograms (`labels.binned`, `federation.reference_calibration`):
 the quantiles and thresholds the centralized calibration sets from cells, placed from
-binned counts within a bin's width; a site answers only for labels of >= k_min cells."""
+binned counts within a bin's width; a site answers only for labels it summarises
+(>= k_min / 2 of its cells)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def test_sites_answer_with_histograms_of_their_labels_only(two_sites):
     z1, y1 = two_sites["z"][1], two_sites["y"][1]
     h = site_histograms(merged, origin, 1, z1, y1, 20, STEP_STATISTICS)
     assert set(h) == {"cross", "loo"}
-    # A: all 500 cells; B (not held here) and C (8 < k_min cells, not a label of the model) nothing
+    # A: all 500 cells; B (not held here) and C (8 < k_min / 2 cells, not a label of the model) nothing
     assert h["cross"][0].sum() == 500 and h["cross"][1].sum() == 0 and h["loo"].sum() == 500
     s = site_histograms(merged, origin, 1, z1, y1, 20, STEP_SCORES)
     assert s["score"].shape == (1, N_BINS) and s["score"].sum() == 500

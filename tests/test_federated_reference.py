@@ -105,6 +105,8 @@ def test_version_one_is_an_ordinary_signed_reference(built, cellbench, tmp_path)
     cal = built["report"]["calibration"]
     assert cal["status"] == "pooled" and m["federated_calibration"] == "pooled"
     assert set(cal["labels"]) == {"H1975", "H2228", "HCC827"}  # H838 is at one site only
+    # trVAE's class Gaussians of those labels fitted on every site's cells (labels.moments)
+    assert sorted(cal["pooled_gaussians"]) == sorted(cal["labels"]) and m["federated_gaussians"] == "pooled"
     from fedarches.model import FedArchesModel
 
     summaries = FedArchesModel.load(out).reference.summaries

@@ -63,6 +63,21 @@ def test_build_setup_round_trips_and_names_its_build():
         BuildSetup.from_config(cfg)
 
 
+def test_rounds_and_local_epochs_left_out_take_the_models_schedule():
+    from fedarches.federation.reference_run_config import GAUSSIANS, SCHEDULES, ReferenceRunConfig
+
+    base = {"atlas-dir": "atlas", "label-key": "cell_type"}
+    for model, (rounds, epochs) in SCHEDULES.items():
+        cfg = ReferenceRunConfig.from_run_config({**base, "model": model})
+        assert (cfg.rounds, cfg.local_epochs, cfg.gaussians) == (rounds, epochs, GAUSSIANS[model])
+        # the app declares 0 for both (Flower needs a typed default): the same schedule
+        assert ReferenceRunConfig.from_run_config({**ReferenceRunConfig.defaults(), **base, "model": model}) == cfg
+    cfg = ReferenceRunConfig.from_run_config({**base, "model": "nb", "rounds": 3})
+    assert (cfg.rounds, cfg.local_epochs) == (3, SCHEDULES["nb"][1])
+    assert ReferenceRunConfig.from_run_config(cfg.to_run_config()) == cfg
+    assert ReferenceRunConfig.from_run_config({**base, "model": "nb", "gaussians": "pooled"}).gaussians == "pooled"
+
+
 def test_build_federated_refuses_an_unenrolled_site_before_any_simulation(tmp_path, capsys):
     import tomli_w
 

@@ -389,9 +389,11 @@ def _register_build_federated(asub: argparse._SubParsersAction) -> None:
                    help="one [[site]] table per site: site, data, condition-key, key-dir (sites enrolled first)")
     q.add_argument("--label-key", required=True, help="obs column with cell types at every site")
     q.add_argument("--model", choices=list(MODEL_KINDS), default="trvae")
-    q.add_argument("--rounds", type=int, default=20)
+    q.add_argument("--rounds", type=int, default=0,
+                   help="Flower rounds (default 0: the model's measured schedule, trVAE 75, NB 30)")
     q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
-    q.add_argument("--local-epochs", type=int, default=5, help="epochs each site trains per round")
+    q.add_argument("--local-epochs", type=int, default=0,
+                   help="epochs each site trains per round (default 0: the model's, trVAE 2, NB 5)")
     q.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg", help="Flower strategy")
     q.add_argument("--mmd", choices=["local", "rff", "none"], default="rff",
                    help="trVAE: rff: MMD among each site's own studies and against the other sites' studies "
@@ -403,6 +405,10 @@ def _register_build_federated(asub: argparse._SubParsersAction) -> None:
                    help="novelty thresholds of labels several sites hold, from histograms of distances after the "
                         "last round (never a cell): pooled (every site's cells, as a central build), cross-site "
                         "(against the other sites' components only), or site (each label's first site's own)")
+    q.add_argument("--gaussians", choices=["auto", "pooled", "site"], default="auto",
+                   help="class Gaussians of the novelty test for labels several sites hold: fitted on every "
+                        "site's cells from per-label moments (pooled, as a central build) or the first site's; "
+                        "auto: the model's measured choice (trVAE pooled, NB site)")
     q.add_argument("--min-sites", type=int, default=None,
                    help="usable updates a round needs (default: every site)")
     q.add_argument("--round-timeout", type=int, default=600)
@@ -420,7 +426,7 @@ def cmd_build_federated(args: argparse.Namespace) -> int:
         "atlas-dir": str(Path(args.atlas_dir).resolve()), "label-key": args.label_key, "model": args.model,
         "rounds": args.rounds, "n-genes": args.n_genes, "local-epochs": args.local_epochs,
         "strategy": args.strategy, "mmd": args.mmd, "bn": args.bn, "seed": args.seed,
-        "calibration": args.calibration,
+        "calibration": args.calibration, "gaussians": args.gaussians,
         "min-sites": args.min_sites or n_sites, "round-timeout": args.round_timeout,
         "report": str(Path(args.report).resolve()) if args.report else "",
     })
@@ -428,6 +434,6 @@ def cmd_build_federated(args: argparse.Namespace) -> int:
     v = report["version"]
     sites = ", ".join(s["site"] for s in report["sites"].values())
     print(f"published version {v['number']} (id {v['id']}) of atlas {report['atlas']!r}, built over Flower "
-          f"({args.strategy}, {args.rounds} rounds x {args.local_epochs} local epochs) by {sites}; "
+          f"({args.strategy}, {cfg.rounds} rounds x {cfg.local_epochs} local epochs) by {sites}; "
           f"{report['genes']} genes chosen from the sites' statistics")
     return 0

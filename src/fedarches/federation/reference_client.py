@@ -120,8 +120,8 @@ def calibrate(msg: Message, context: Context) -> Message:
     """Histograms of the site's cells against the merged summaries (`reference_calibration`)."""
     import numpy as np
 
-    from fedarches.federation.reference_calibration import ORIGIN, site_histograms
-    from fedarches.federation.reference_site import final_model
+    from fedarches.federation.reference_calibration import GAUSSIAN_KEYS, ORIGIN, site_histograms
+    from fedarches.federation.reference_site import calibration_seed, final_model
     from fedarches.labels.summaries import ClassSummaries
 
     try:
@@ -133,8 +133,11 @@ def calibrate(msg: Message, context: Context) -> Message:
         _, latent, d = final_model(site, setup, dict(msg.content.array_records["arrays"].to_torch_state_dict()), rnd)
         labels = d.labels if d.labels is not None else np.full(len(latent), "", dtype=object)
         how = msg.content.config_records["calibration"]
+        rec = msg.content.array_records.get("gaussians")
+        gaussians = None if rec is None else {k: rec[k].numpy() for k in GAUSSIAN_KEYS}
         hists = site_histograms(summaries, origin, setup.sites.index(site.site), latent, labels, setup.k_min,
-                                int(how["step"]), str(how.get("statistic", "loo")))
+                                int(how["step"]), str(how.get("statistic", "loo")), gaussians,
+                                calibration_seed(setup, site.site))
         return Message(content=RecordDict({"histograms": ArrayRecord({k: Array(v) for k, v in hists.items()})}),
                        reply_to=msg)
     except Exception as exc:

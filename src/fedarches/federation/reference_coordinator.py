@@ -235,7 +235,8 @@ def _publish(grid: Grid, atlas: Any, cfg: ReferenceRunConfig, setup: BuildSetup,
         parts = [(setup.sites.index(site), p) for site, p in site_summaries(slices)]
         summaries = calibrate_across_sites(grid, sorted(finals), summaries, component_origins(summaries, parts), arrays,
                                            setup.to_config(**{"server-round": cfg.rounds}), cfg.round_timeout, report,
-                                           statistic="cross" if cfg.calibration == "cross-site" else "loo")
+                                           statistic="cross" if cfg.calibration == "cross-site" else "loo",
+                                           gaussians=cfg.gaussians)
     holders = {st: s.site for s in stats.values() for st in s.studies}
     ckey = next(iter(stats.values())).condition_key
     with tempfile.TemporaryDirectory(prefix=".build-federated-", dir=atlas.path) as tmp:
@@ -246,7 +247,9 @@ def _publish(grid: Grid, atlas: Any, cfg: ReferenceRunConfig, setup: BuildSetup,
                  "federated_strategy": {"fedavg": "FedAvg", "fedprox": "FedProx"}[cfg.strategy],
                  "federated_local_epochs": setup.local_epochs, "federated_bn": setup.bn,
                  "federated_mmd": cfg.mmd if config.kind == "trvae" else "none",
-                 "federated_calibration": report.get("calibration", {}).get("status", "site")}
+                 "federated_calibration": report.get("calibration", {}).get("status", "site"),
+                 "federated_gaussians": cfg.gaussians if report.get("calibration", {}).get("pooled_gaussians")
+                 else "site"}
         return atlas.publish_federated_reference(model_dir, holders=holders, build=build)
 
 

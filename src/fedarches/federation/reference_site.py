@@ -103,6 +103,12 @@ def _seed(setup: BuildSetup, site: str, rnd: int) -> int:
     return (setup.seed * 1_000_003 + rnd * 7919 + sum(site.encode()) * 104_729) % (2**31)
 
 
+def calibration_seed(setup: BuildSetup, site: str) -> int:
+    """The seed of the site's calibration folds (`labels.moments.fold_of_cells`): the same at
+    every calibration step of the build."""
+    return _seed(setup, site, 0)
+
+
 def _state_dir(site: SiteConfig, setup: BuildSetup) -> Path:
     return site.results_dir / f"reference-{setup.digest[:16]}"
 
@@ -313,6 +319,6 @@ def site_bundle(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
     return bundle, bn
 
 
-__all__ = ["SiteData", "final_model", "site_bundle", "local_module", "site_data", "site_statistics", "summarisable",
+__all__ = ["SiteData", "calibration_seed", "final_model", "site_bundle", "local_module", "site_data", "site_statistics", "summarisable",
            "study_embeddings", "train_round",
            "travelling_keys"]
