@@ -90,3 +90,15 @@ def test_sites_thresholds_place_the_central_cross_validated_quantile():
     np.testing.assert_allclose(out.gaussian.means[0], z.mean(0), atol=1e-10)
     # B keeps its site's Gaussian
     assert out.gaussian.thresholds[1] == merged.gaussian.thresholds[1]
+
+
+def test_moments_without_a_positive_definite_covariance_leave_the_label_to_its_site():
+    (z0, y0), _ = _sites()
+    cats = ["A", "B"]
+    codes = np.array([cats.index(v) for v in y0])
+    m = LabelMoments.of(z0, codes, fold_of_cells(codes, 2, 0), 2)
+    bad = LabelMoments(m.count, m.total, m.outer.copy())
+    bad.outer[1] *= -1.0  # a site's sums of outer products that no cells can have
+    g = pooled_gaussians(bad, np.array([0, 1]))
+    assert g["fitted"].tolist() == [1, 0] and g["cross"].tolist() == [1, 0]
+    assert not g["means"][1].any() and not g["fold_whiten"][1].any()

@@ -102,7 +102,9 @@ def pooled_gaussians(m: LabelMoments, labels: np.ndarray) -> dict[str, np.ndarra
     """For each label in ``labels`` with >= ``MIN_CELLS`` cells: the pooled mean and whitener
     (``means``, ``whiten``), and, for those with the cells for a cross-validated threshold
     (``own_shape_cells``), the Gaussian of every fold's complement (``fold_means``,
-    ``fold_whiten``; ``cross`` marks them). Rows of other labels are zero."""
+    ``fold_whiten``; ``cross`` marks them). Rows of other labels are zero, as are those of a
+    label whose summed moments give no positive-definite covariance (moments a site sent
+    wrong): that label keeps its site's Gaussian instead of stopping the build."""
     n_labels, _, d = m.total.shape
     out = {"fitted": np.zeros(n_labels, dtype=np.uint8), "cross": np.zeros(n_labels, dtype=np.uint8),
            "means": np.zeros((n_labels, d)), "whiten": np.zeros((n_labels, d, d)),
@@ -111,13 +113,16 @@ def pooled_gaussians(m: LabelMoments, labels: np.ndarray) -> dict[str, np.ndarra
         n = int(m.count[y].sum())
         if n < MIN_CELLS:
             continue
-        out["fitted"][y] = 1
-        out["means"][y], out["whiten"][y] = _gaussian(n, m.total[y].sum(0), m.outer[y].sum(0))
-        if n < own_shape_cells(d):
+        try:
+            mean, white = _gaussian(n, m.total[y].sum(0), m.outer[y].sum(0))
+            cross = n >= own_shape_cells(d)
+            folds = [_gaussian(n - int(m.count[y, k]), m.total[y].sum(0) - m.total[y, k],
+                               m.outer[y].sum(0) - m.outer[y, k]) for k in range(FOLDS)] if cross else []
+        except np.linalg.LinAlgError:
             continue
-        out["cross"][y] = 1
-        for k in range(FOLDS):
-            rest = n - int(m.count[y, k])
-            out["fold_means"][y, k], out["fold_whiten"][y, k] = _gaussian(
-                rest, m.total[y].sum(0) - m.total[y, k], m.outer[y].sum(0) - m.outer[y, k])
+        out["fitted"][y], out["means"][y], out["whiten"][y] = 1, mean, white
+        if cross:
+            out["cross"][y] = 1
+            for k, (fm, fw) in enumerate(folds):
+                out["fold_means"][y, k], out["fold_whiten"][y, k] = fm, fw
     return out
