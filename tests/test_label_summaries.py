@@ -53,6 +53,12 @@ def test_every_component_stands_for_k_min_cells_and_no_array_grows_with_cells(fi
     # 12 cells (>= k_min / 2): one component padded with the nearest other cells up to k_min
     tiny = s.label_categories.index("tiny")
     assert s.components.count[s.components.label == tiny].tolist() == [20]
+    # ... and its class Gaussian is fitted on those 20 cells, never on its 12 alone
+    own = z[labels == "tiny"].astype(np.float64)
+    others = z[labels != "tiny"].astype(np.float64)
+    near = others[np.argsort(((others - own.mean(0)) ** 2).sum(1))[:20 - len(own)]]
+    assert np.allclose(s.gaussian.means[tiny], np.vstack([own, near]).mean(0))
+    assert not np.allclose(s.gaussian.means[tiny], own.mean(0), atol=1e-3)
     # 4 cells: nothing published, not even a class Gaussian or a threshold of its own
     rare = s.label_categories.index("rare")
     assert rare not in set(s.components.label.tolist())

@@ -232,8 +232,10 @@ class ClassSummaries:
         n, dims = latent.shape
         cats, label_codes = encode_labels(ref_labels, n, label_categories)
         n_labels = len(cats)
-        comps, codes = _summarise(latent, label_codes, n_labels, opts, seed)
+        comps, codes, padding = _summarise(latent, label_codes, n_labels, opts, seed)
         kept = codes >= 0
+        gauss_rows, gauss_codes = _gaussian_cells(codes, padding)
+        gaussian = ClassGaussianNovelty().fit(latent[gauss_rows], gauss_codes, n_labels, fpr=float(fpr))
         latent, codes = latent[kept], codes[kept]
         ref_batches = None if ref_batches is None else np.asarray(ref_batches)[kept]
         cal = calibration_sample(codes, n_labels, int(max_calibration_cells), np.random.default_rng(seed))
@@ -241,7 +243,6 @@ class ClassSummaries:
         stats, loo, mode = _calibration(latent, codes, batches, cal, comps, n_labels, opts, int(max_groups), seed)
         thresholds = label_thresholds(stats, loo, codes[cal], mode, n_labels, float(fpr), int(min_label_cells))
         _unsummarised_global(thresholds, comps, n_labels)
-        gaussian = ClassGaussianNovelty().fit(latent, codes, n_labels, fpr=float(fpr))
         own = thresholds.label_thresholds[codes[cal]]
         ref_scores = np.maximum(stats / np.maximum(own, np.finfo(np.float64).tiny), gaussian.score(latent[cal]))
         return cls(label_categories=cats, components=comps, thresholds=thresholds, gaussian=gaussian,
@@ -542,11 +543,25 @@ def _row_min(x: np.ndarray) -> np.ndarray:
     return x.min(axis=1) if x.shape[1] else np.full(x.shape[0], np.inf)
 
 
+def _gaussian_cells(codes: np.ndarray, padding: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and label codes the class Gaussians are fitted on: every cell in a component under
+    its effective label, plus each padded label's padding cells under that label.
+
+    Why the padding: a label's Gaussian (its mean and covariance) is published like a component,
+    so it must stand for ``k_min`` cells too. Fitted on a padded label's own cells alone it was
+    the mean of 10-19 cells (PBMC's dendritic cells) in a version that promises k-anonymity."""
+    rows = np.flatnonzero(codes >= 0)
+    extra = [(y, r) for y, r in sorted(padding.items()) if r.size]
+    return (np.concatenate([rows, *(r for _, r in extra)]),
+            np.concatenate([codes[rows], *(np.full(r.size, y, dtype=codes.dtype) for y, r in extra)]))
+
+
 def _summarise(latent: np.ndarray, codes: np.ndarray, n_labels: int, opts: SummaryOptions,
-               seed: int) -> tuple[Components, np.ndarray]:
+               seed: int) -> tuple[Components, np.ndarray, dict[int, np.ndarray]]:
     """Components of every label with >= k_min cells, and what becomes of smaller labels
-    (``opts.small_labels``, see :data:`SMALL_LABELS`). Returns the components and each cell's
-    effective label code (-1: in no component)."""
+    (``opts.small_labels``, see :data:`SMALL_LABELS`). Returns the components, each cell's
+    effective label code (-1: in no component) and, per padded label, the other labels' cells
+    that pad it to ``k_min``."""
     part = np.full(len(codes), -1, dtype=np.int64)
     members: list[np.ndarray] = []
     owners: list[int] = []
@@ -563,12 +578,14 @@ def _summarise(latent: np.ndarray, codes: np.ndarray, n_labels: int, opts: Summa
                           "nothing can be summarised")
     small = [y for y in range(n_labels) if 0 < (codes == y).sum() < opts.k_min]
     eff = codes.copy()
+    padding: dict[int, np.ndarray] = {}
     if opts.small_labels.startswith("pad"):
         for y in [y for y in small if 2 * (codes == y).sum() >= opts.k_min]:
             rows = np.flatnonzero(codes == y)
             others = np.flatnonzero((codes != y) & (part >= 0))
             near = others[np.argsort(((latent[others] - latent[rows].mean(0)) ** 2).sum(1))[:opts.k_min - rows.size]]
             part[rows] = len(owners)
+            padding[y] = near
             members.append(np.concatenate([rows, near]))
             owners.append(y)
     comps = gaussians([latent[m] for m in members], owners)
@@ -581,7 +598,7 @@ def _summarise(latent: np.ndarray, codes: np.ndarray, n_labels: int, opts: Summa
         eff[rest] = comps.label[nearest]
     elif rest.size:
         eff[rest] = -1
-    return comps, eff
+    return comps, eff, padding
 
 
 def _unsummarised_global(thresholds: Thresholds, comps: Components, n_labels: int) -> None:
