@@ -178,7 +178,8 @@ def main() -> None:
     p.add_argument("--query-epochs", type=int, default=None)
     p.add_argument("--variants", default="default",
                    help="comma list of federated variants: default, mmd-local, mmd-none, mmd-rff, bn-local, fedprox, "
-                        "site-calibration, mmd-rff-site-calibration, site-gaussians, pooled-gaussians")
+                        "site-calibration, mmd-rff-site-calibration, site-gaussians, pooled-gaussians, refit-rows, "
+                        "trained-rows, site-gaussians-trained-rows")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedref-bench"))
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     p.add_argument("--render", type=Path, default=None,
@@ -194,7 +195,9 @@ def main() -> None:
     variants = {"default": {}, "mmd-local": {"mmd": "local"}, "mmd-none": {"mmd": "none"}, "mmd-rff": {"mmd": "rff"}, "bn-local": {"bn": "local"},
                 "fedprox": {"strategy": "fedprox"}, "site-calibration": {"calibration": "site"}, "cross-site-calibration": {"calibration": "cross-site"},
                 "mmd-rff-site-calibration": {"mmd": "rff", "calibration": "site"}, "default-nb": {},
-                "site-gaussians": {"gaussians": "site"}, "pooled-gaussians": {"gaussians": "pooled"}}
+                "site-gaussians": {"gaussians": "site"}, "pooled-gaussians": {"gaussians": "pooled"},
+                "refit-rows": {"final_rows": "refit"}, "trained-rows": {"final_rows": "trained"},
+                "site-gaussians-trained-rows": {"gaussians": "site", "final_rows": "trained"}}
     rows = []
     for name in args.splits.split(","):
         if name in GENERATED:

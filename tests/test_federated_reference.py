@@ -107,6 +107,7 @@ def test_version_one_is_an_ordinary_signed_reference(built, cellbench, tmp_path)
     assert set(cal["labels"]) == {"H1975", "H2228", "HCC827"}  # H838 is at one site only
     # trVAE's class Gaussians of those labels fitted on every site's cells (labels.moments)
     assert sorted(cal["pooled_gaussians"]) == sorted(cal["labels"]) and m["federated_gaussians"] == "pooled"
+    assert m["federated_rows"] == "trained"  # trVAE keeps its rows as the rounds left them (FINAL_ROWS)
     from fedarches.model import FedArchesModel
 
     summaries = FedArchesModel.load(out).reference.summaries

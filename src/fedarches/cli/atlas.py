@@ -390,10 +390,10 @@ def _register_build_federated(asub: argparse._SubParsersAction) -> None:
     q.add_argument("--label-key", required=True, help="obs column with cell types at every site")
     q.add_argument("--model", choices=list(MODEL_KINDS), default="trvae")
     q.add_argument("--rounds", type=int, default=0,
-                   help="Flower rounds (default 0: the model's measured schedule, trVAE 75, NB 30)")
+                   help="Flower rounds (default 0: the model's measured schedule, trVAE 75, NB 150)")
     q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
     q.add_argument("--local-epochs", type=int, default=0,
-                   help="epochs each site trains per round (default 0: the model's, trVAE 2, NB 5)")
+                   help="epochs each site trains per round (default 0: the model's, trVAE 2, NB 1)")
     q.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg", help="Flower strategy")
     q.add_argument("--mmd", choices=["local", "rff", "none"], default="rff",
                    help="trVAE: rff: MMD among each site's own studies and against the other sites' studies "
@@ -409,6 +409,10 @@ def _register_build_federated(asub: argparse._SubParsersAction) -> None:
                    help="class Gaussians of the novelty test for labels several sites hold: fitted on every "
                         "site's cells from per-label moments (pooled, as a central build) or the first site's; "
                         "auto: the model's measured choice (trVAE pooled, NB site)")
+    q.add_argument("--final-rows", choices=["auto", "refit", "trained"], default="auto",
+                   help="each site's condition rows in version 1: fitted again to the final shared weights, "
+                        "as `map` fits a query's (refit), or as the rounds left them (trained); auto: the "
+                        "model's measured choice (trVAE trained, NB refit)")
     q.add_argument("--min-sites", type=int, default=None,
                    help="usable updates a round needs (default: every site)")
     q.add_argument("--round-timeout", type=int, default=600)
@@ -426,7 +430,7 @@ def cmd_build_federated(args: argparse.Namespace) -> int:
         "atlas-dir": str(Path(args.atlas_dir).resolve()), "label-key": args.label_key, "model": args.model,
         "rounds": args.rounds, "n-genes": args.n_genes, "local-epochs": args.local_epochs,
         "strategy": args.strategy, "mmd": args.mmd, "bn": args.bn, "seed": args.seed,
-        "calibration": args.calibration, "gaussians": args.gaussians,
+        "calibration": args.calibration, "gaussians": args.gaussians, "final-rows": args.final_rows,
         "min-sites": args.min_sites or n_sites, "round-timeout": args.round_timeout,
         "report": str(Path(args.report).resolve()) if args.report else "",
     })

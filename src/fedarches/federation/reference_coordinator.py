@@ -138,7 +138,7 @@ def plan_build(stats: dict[int, SiteStatistics], cfg: ReferenceRunConfig, atlas:
                       model_config=config.model_dump_json(), label_key=cfg.label_key, label_categories=categories,
                       local_epochs=cfg.local_epochs, total_epochs=cfg.rounds * cfg.local_epochs, seed=cfg.seed,
                       batch_size=train.batch_size, lr=train.lr, weight_decay=train.weight_decay, k_min=cfg.k_min,
-                      bn=cfg.bn, mmd=cfg.mmd if config.kind == "trvae" else "none")
+                      bn=cfg.bn, mmd=cfg.mmd if config.kind == "trvae" else "none", rows=cfg.final_rows)
 
 
 def initial_arrays(setup: BuildSetup, studies: list[str]) -> ArrayRecord:
@@ -246,6 +246,7 @@ def _publish(grid: Grid, atlas: Any, cfg: ReferenceRunConfig, setup: BuildSetup,
         build = {"federated_sites": ",".join(setup.sites), "federated_rounds": cfg.rounds,
                  "federated_strategy": {"fedavg": "FedAvg", "fedprox": "FedProx"}[cfg.strategy],
                  "federated_local_epochs": setup.local_epochs, "federated_bn": setup.bn,
+                 "federated_rows": setup.rows,
                  "federated_mmd": cfg.mmd if config.kind == "trvae" else "none",
                  "federated_calibration": report.get("calibration", {}).get("status", "site"),
                  "federated_gaussians": cfg.gaussians if report.get("calibration", {}).get("pooled_gaussians")

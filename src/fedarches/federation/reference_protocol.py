@@ -82,6 +82,7 @@ class BuildSetup:
     k_min: int = 10
     bn: str = "aggregate"  # batch-norm tensors: "aggregate" (FedAvg) or "local" (FedBN)
     mmd: str = "local"  # trVAE: "local" (a site's own studies), "rff" (+ other sites' mean embeddings), "none"
+    rows: str = "trained"  # a site's final rows: "trained" (its last local epochs') or "refit" (`reference_site.refit_rows`)
 
     @property
     def digest(self) -> str:

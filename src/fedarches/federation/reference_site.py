@@ -37,7 +37,7 @@ from fedarches.federation.reference_protocol import (
     BuildSetup,
     SiteStatistics,
 )
-from fedarches.models.cvae import CVAE
+from fedarches.models.cvae import CONDITION_TABLE_PREFIXES, CVAE
 from fedarches.models.losses import rff_features, rff_frequencies, rff_mmd_to_targets
 from fedarches.training import MatrixSource
 
@@ -265,12 +265,61 @@ def train_round(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
     return {k: state[k] for k in sorted(travel)}, int(source.n_cells), running / max(seen, 1), embeddings
 
 
+def refit_rows(site: SiteConfig, setup: BuildSetup, module: CVAE, rnd: int) -> None:
+    """The site's condition rows fitted again on its own cells with every shared tensor of the
+    final model frozen and batch norm on its aggregated statistics: exactly how ``map`` fits a
+    query's new rows (the same subsample, schedule, convergence rule and frozen normalisation).
+
+    Why: during the rounds a site holding one study trains in train-mode batch norm, whose
+    batch mean subtracts that study's row, so the row gets no gradient (NB decoder rows
+    stayed at their initial norm, 0.57, against 1.0-1.4 in a central build), and the site's
+    cells were normalised by their own batch statistics, not by the aggregated ones the
+    published model uses. Reference cells were then embedded differently from a query
+    mapped later, which lies farther from the reference than its own cells do: the
+    query-shift guard divided the scores by 2-3 and CellBench's A549 went unseen
+    (benchmarks/FEDERATED_REFERENCE.md). Fitted this way, a reference study is placed as a
+    query study would be. Only rows move; the result is kept per build and round
+    (``refit-<round>``), so every later step (calibration, bundle) reads the same rows."""
+    from fedarches.config import DEFAULT_CONVERGE_TOL, DEFAULT_FIT_CELLS
+    from fedarches.query_fit import Convergence, fit_rows
+    from fedarches.training import ProjectedSource
+    from fedarches.training import train as train_loop
+
+    path = _state_dir(site, setup) / f"refit-{rnd}.safetensors"
+    if path.is_file():
+        module.load_state_dict({**module.state_dict(), **load_file(path)})
+        return
+    d = site_data(site, setup.label_key)
+    x, library = _prepared(site, d, setup, module.config)
+    index = {n: i for i, n in enumerate(module.conditions)}
+    cond = np.array([index[c] for c in d.studies], dtype=np.int64)
+    rows = fit_rows(d.studies, np.arange(len(cond)), DEFAULT_FIT_CELLS, _seed(setup, site.site, rnd + 1))
+    params = module.set_trainable("conditions")
+    source = ProjectedSource(module, x[rows], cond[rows],  # type: ignore[index]
+                             library[rows] if library is not None else None,
+                             use_mse_terms=module.config.kind == "trvae")
+    cfg = TrainConfig(seed=_seed(setup, site.site, rnd + 1), strategy="conditions", lr=setup.lr,
+                      batch_size=setup.batch_size, weight_decay=setup.weight_decay)
+    train_loop(module, source, params, cfg, query=True, progress=False, description="reference rows",
+               converge=Convergence(DEFAULT_CONVERGE_TOL))
+    for p in module.parameters():
+        p.requires_grad_(True)
+    module.eval()
+    own = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()
+           if k.startswith(CONDITION_TABLE_PREFIXES)}
+    make_dirs(path.parent, PRIVATE_DIR)
+    write_bytes(path, save(own))
+
+
 def final_model(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Tensor], rnd: int):
-    """The site's model after the last round: final shared weights and its rows of round ``rnd``."""
+    """The site's model after the last round: final shared weights and its rows of round ``rnd``
+    (``setup.rows == "refit"``: fitted again to those weights, `refit_rows`)."""
     from fedarches.model import FedArchesModel
 
     d = site_data(site, setup.label_key)
     module = local_module(site, setup, shared, rnd + 1)
+    if setup.rows == "refit":
+        refit_rows(site, setup, module, rnd)
     module.eval()
     model = FedArchesModel(module, genes=setup.genes, condition_key=site.condition_key,
                            train_config=TrainConfig(epochs=setup.total_epochs, seed=setup.seed),
@@ -319,6 +368,6 @@ def site_bundle(site: SiteConfig, setup: BuildSetup, shared: dict[str, torch.Ten
     return bundle, bn
 
 
-__all__ = ["SiteData", "calibration_seed", "final_model", "site_bundle", "local_module", "site_data", "site_statistics", "summarisable",
+__all__ = ["SiteData", "calibration_seed", "final_model", "site_bundle", "local_module", "refit_rows", "site_data", "site_statistics", "summarisable",
            "study_embeddings", "train_round",
            "travelling_keys"]
