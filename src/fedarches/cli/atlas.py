@@ -390,10 +390,10 @@ def _register_build_federated(asub: argparse._SubParsersAction) -> None:
     q.add_argument("--label-key", required=True, help="obs column with cell types at every site")
     q.add_argument("--model", choices=list(MODEL_KINDS), default="trvae")
     q.add_argument("--rounds", type=int, default=0,
-                   help="Flower rounds (default 0: the model's measured schedule, trVAE 75, NB 150)")
+                   help="Flower rounds (default 0: the model's measured schedule, trVAE 75, NB 30)")
     q.add_argument("--n-genes", type=int, default=2000, help="highly variable genes to keep (0 = all)")
     q.add_argument("--local-epochs", type=int, default=0,
-                   help="epochs each site trains per round (default 0: the model's, trVAE 2, NB 1)")
+                   help="epochs each site trains per round (default 0: the model's, trVAE 2, NB 5)")
     q.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg", help="Flower strategy")
     q.add_argument("--mmd", choices=["local", "rff", "none"], default="rff",
                    help="trVAE: rff: MMD among each site's own studies and against the other sites' studies "
@@ -412,7 +412,7 @@ def _register_build_federated(asub: argparse._SubParsersAction) -> None:
     q.add_argument("--final-rows", choices=["auto", "refit", "trained"], default="auto",
                    help="each site's condition rows in version 1: fitted again to the final shared weights, "
                         "as `map` fits a query's (refit), or as the rounds left them (trained); auto: the "
-                        "model's measured choice (trVAE trained, NB refit)")
+                        "measured choice (trained, both models)")
     q.add_argument("--min-sites", type=int, default=None,
                    help="usable updates a round needs (default: every site)")
     q.add_argument("--round-timeout", type=int, default=600)
