@@ -279,7 +279,10 @@ def refit_rows(site: SiteConfig, setup: BuildSetup, module: CVAE, rnd: int) -> N
     query-shift guard divided the scores by 2-3 and CellBench's A549 went unseen
     (benchmarks/FEDERATED_REFERENCE.md). Fitted this way, a reference study is placed as a
     query study would be. Only rows move; the result is kept per build and round
-    (``refit-<round>``), so every later step (calibration, bundle) reads the same rows."""
+    (``refit-<round>``), so every later step (calibration, bundle) reads the same rows.
+
+    An option (``final-rows = refit``), not the default: with sites that each lack some cell
+    types it called many more known query cells Unknown (`reference_run_config.FINAL_ROWS`)."""
     from fedarches.config import DEFAULT_CONVERGE_TOL, DEFAULT_FIT_CELLS
     from fedarches.query_fit import Convergence, fit_rows
     from fedarches.training import ProjectedSource
